@@ -1,0 +1,1 @@
+"""Datasets: bundled real data (no download at run time), ImageFolder and COCO-json readers."""

@@ -1,0 +1,1 @@
+"""Reusable blocks of the zoo's methods, one concept a module."""
