@@ -52,6 +52,8 @@ class PretrainedCfg:
     macs_note: str = ""
     #: Export formats known to work; the exporter still verifies every file it writes.
     export_formats: tuple[str, ...] = ("coreml", "tflite")
+    #: A smaller input size the test suite may use for forward/backward (None: the default size).
+    test_input_size: tuple[int, int, int] | None = None
     #: Name of the model the weights belong to, filled in at registration.
     architecture: str = ""
     tag: str = ""
