@@ -1,0 +1,230 @@
+"""EViT-DeiT-S (r = 0.7, fused) against timm's DeiT-S with the same weights, in one run.
+
+- PyTorch eager, batch 32 (the paper's throughput setting, on this machine's CPU threads);
+- TFLite (litert-torch -> ai-edge-litert, XNNPACK), batch 1, for each export form of the token
+  selection (rank_matmul, onehot_matmul, topk_gather), each file checked against eager PyTorch on
+  real photographs first.
+
+Timings are interleaved (every round times every candidate once) and the speed-up is the median
+of the per-round ratios, so the load of a shared machine moves both sides alike. Writes
+``benchmarks/results/evit_throughput.md`` and ``.csv``.
+
+    python benchmarks/evit_throughput.py                  # everything (~15 min on 2 busy cores)
+    python benchmarks/evit_throughput.py --skip-eager --forms rank_matmul
+    python benchmarks/evit_throughput.py --profile        # where the time goes (PyTorch op table)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from tqdm.auto import tqdm
+
+import vizoo
+from vizoo.data.bundled import normalize, photo_images
+from vizoo.layers.export_mode import export_mode
+from vizoo.layers.token_reorg import EXPORT_FORMS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build_pair(model: str, baseline: str, weights: str | None, seed: int):
+    """timm's baseline and the EViT model holding exactly the same weights."""
+    torch.manual_seed(seed)
+    base = timm.create_model(baseline, pretrained=False).eval()
+    if weights:
+        vizoo.load_checkpoint(base, weights)
+    evit = vizoo.create_model(model).eval()
+    evit.load_state_dict(base.state_dict(), strict=True)
+    return base, evit
+
+
+def interleaved(candidates: dict, rounds: int, calls: int, desc: str) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, one entry per round; candidates alternate each round."""
+    times = {k: [] for k in candidates}
+    for fn in candidates.values():  # warm-up
+        fn()
+    for _ in tqdm(range(rounds), desc=desc):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls)
+    return times
+
+
+def speedup(times: dict[str, list[float]], base: str, other: str) -> float:
+    return statistics.median(b / o for b, o in zip(times[base], times[other]))
+
+
+def eager_rows(base, evit, batch: int, threads: int, rounds: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():
+        times = interleaved({"deit": lambda: base(x), "evit": lambda: evit(x)}, rounds, 1,
+                            f"PyTorch eager, batch {batch}")
+    s = speedup(times, "deit", "evit")
+    rows = []
+    for key, label in (("deit", "timm deit_small_patch16_224"), ("evit", "EViT r=0.7 fused (eager form)")):
+        med = statistics.median(times[key])
+        rows.append(dict(runtime="pytorch-eager", model=label, batch=batch, threads=threads,
+                         ms_per_batch=round(med * 1e3, 1), img_per_s=round(batch / med, 1),
+                         speedup=round(s, 3) if key == "evit" else 1.0, parity=""))
+    return rows
+
+
+def convert_tflite(module: torch.nn.Module, path: Path, export: bool, reuse: bool) -> Path:
+    import litert_torch
+
+    if reuse and path.is_file():
+        return path
+    litert_torch.config.show_progress = False
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad(), export_mode(module, enabled=export):
+        litert_torch.convert(module.eval(), (x,)).export(str(path))
+    return path
+
+
+def tflite_runner(path: Path, threads: int):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), num_threads=threads)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        it.set_tensor(inp, x)
+        it.invoke()
+        return it.get_tensor(out)
+
+    return run
+
+
+def parity(run, model, images: torch.Tensor) -> float:
+    """Max |TFLite - eager PyTorch| over real photographs (a different kept token would show as a
+    large difference)."""
+    worst = 0.0
+    with torch.no_grad():
+        ref = model(images).numpy()
+    for i in range(len(images)):
+        worst = max(worst, float(np.abs(run(images[i:i + 1].numpy()) - ref[i:i + 1]).max()))
+    return worst
+
+
+def tflite_rows(base, evit, forms, threads: int, rounds: int, calls: int, work: Path, reuse: bool) -> list[dict]:
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = evit.pretrained_cfg
+    images = normalize(photo_images(8, 224), cfg["mean"], cfg["std"])
+    files = {"deit": convert_tflite(base, work / "deit_small.tflite", False, reuse)}
+    for form in tqdm(forms, desc="converting"):
+        for blk in evit.reorg_blocks:
+            blk.reorg.export_form = form
+        files[form] = convert_tflite(evit, work / f"evit_r0p7_fuse_{form}.tflite", True, reuse)
+    runners = {k: tflite_runner(p, threads) for k, p in files.items()}
+    checks = {"deit": parity(runners["deit"], base, images)}
+    checks.update({f: parity(runners[f], evit, images) for f in forms})
+    x = images[:1].numpy()
+    times = interleaved({k: (lambda r=r: r(x)) for k, r in runners.items()}, rounds, calls,
+                        f"TFLite, batch 1, {threads} threads")
+    rows = []
+    for key in runners:
+        med = statistics.median(times[key])
+        label = "timm deit_small_patch16_224" if key == "deit" else f"EViT r=0.7 fused ({key})"
+        rows.append(dict(runtime="tflite-xnnpack", model=label, batch=1, threads=threads,
+                         ms_per_batch=round(med * 1e3, 2), img_per_s=round(1 / med, 1),
+                         speedup=1.0 if key == "deit" else round(speedup(times, "deit", key), 3),
+                         parity=f"max|tflite-eager| {checks[key]:.1e}"))
+    return rows
+
+
+def profile_eager(base, evit, batch: int, threads: int) -> str:
+    """Self CPU time by op for one batch of each model: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    x = torch.randn(batch, 3, 224, 224)
+    out = []
+    with torch.inference_mode():
+        for label, m in (("DeiT-S", base), ("EViT-DeiT-S r=0.7", evit)):
+            m(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                m(x)
+            out.append(f"### {label}\n```\n" + prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=12) + "\n```")
+    return "\n\n".join(out)
+
+
+def write_results(rows: list[dict], notes: list[str], profile: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "evit_throughput.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cols = list(rows[0])
+    lines = ["# EViT-DeiT-S (r = 0.7, fused) vs DeiT-S, same weights", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    lines += [""] + [f"- {n}" for n in notes]
+    if profile:
+        lines += ["", "## Profile (PyTorch eager)", "", profile]
+    (RESULTS / "evit_throughput.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="evit_deit_small_patch16_224.r0p7_fuse")
+    p.add_argument("--baseline", default="deit_small_patch16_224", help="timm model with the same weights")
+    p.add_argument("--weights", default=None, help="DeiT-S checkpoint (default: seeded random weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32, help="PyTorch eager batch size")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eager-rounds", type=int, default=5)
+    p.add_argument("--tflite-rounds", type=int, default=9)
+    p.add_argument("--tflite-calls", type=int, default=10, help="invocations per candidate per round")
+    p.add_argument("--forms", nargs="*", default=list(EXPORT_FORMS), choices=EXPORT_FORMS)
+    p.add_argument("--skip-eager", action="store_true")
+    p.add_argument("--skip-tflite", action="store_true")
+    p.add_argument("--work-dir", default="runs/bench_evit", help="where the .tflite files go")
+    p.add_argument("--reuse", action="store_true", help="reuse .tflite files already in --work-dir")
+    p.add_argument("--profile", action="store_true", help="add a PyTorch op profile to the report")
+    args = p.parse_args(argv)
+
+    base, evit = build_pair(args.model, args.baseline, args.weights, args.seed)
+    rows: list[dict] = []
+    if not args.skip_eager:
+        rows += eager_rows(base, evit, args.batch, args.threads, args.eager_rounds)
+    if not args.skip_tflite:
+        rows += tflite_rows(base, evit, args.forms, args.threads, args.tflite_rounds, args.tflite_calls,
+                            Path(args.work_dir), args.reuse)
+    if not rows:
+        print("nothing measured (both --skip-eager and --skip-tflite)", file=sys.stderr)
+        return 2
+    macs_note = ("MACs (torch.utils.flop_counter, batch 1): DeiT-S 4.60 G, EViT r=0.7 fused 3.03 G "
+                 "(ratio 1.52)")
+    notes = [
+        f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; weights "
+        f"{'from ' + args.weights if args.weights else f'random (seed {args.seed})'}, identical in both models.",
+        "speedup = median over rounds of (DeiT-S time / EViT time), rounds interleaved.",
+        macs_note,
+        "paper: +50% throughput at r = 0.7 (GPU, batch 64, fp32); goal here >= 1.45x in both runtimes.",
+        "parity: max abs logit difference between the .tflite file and eager PyTorch over 8 real photos.",
+    ]
+    profile = profile_eager(base, evit, args.batch, args.threads) if args.profile else ""
+    write_results(rows, notes, profile)
+    cols = list(rows[0])
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    print(f"written: {RESULTS / 'evit_throughput.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Export matrix: every registered model (at its default size) to CoreML and TFLite, verified.
+
+    python benchmarks/export_matrix.py [--models 'evit*' ...] [--precision fp32 fp16 int8]
+                                       [--timm mobilenetv2_100] [--redo]
+
+Each model goes through `vizoo.export` (the same call users make): conversion, parity on 64
+bundled photographs (TFLite by ai-edge-litert; CoreML by the MIL executor), TFLite latency
+(ai-edge-litert, 2 threads, batch 1) and PyTorch eager latency (2 threads, batch 1) measured in
+the same run. Writes benchmarks/results/export_matrix.{csv,md}; the README shows the table.
+
+Resumable: rows already in the CSV are skipped (``--redo`` re-exports them); the CSV and the
+Markdown are rewritten after every model. Weights are random (no download here): parity and
+latency do not depend on training, but int8 parity on random weights is a harsher test than on
+trained ones.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COLUMNS = ["model", "format", "precision", "status", "size_mb", "rel_max_abs_diff", "cosine_min",
+           "top1_agreement", "eager_rel_max_abs_diff", "tflite_ms", "torch_ms", "tflite_speedup",
+           "input", "seconds", "load_avg", "reason"]
+
+
+def rows_from_report(report: Any) -> list[dict[str, Any]]:
+    torch_ms = report.pytorch_latency["median_ms"] if report.pytorch_latency else None
+    rows = []
+    for r in report.results:
+        fns = list(r.verification.get("functions", {}).values())
+        worst = lambda key, f=max: f(fn["parity"][key] for fn in fns) if fns else None  # noqa: E731
+        eager = [fn["parity_eager"]["rel_max_abs_diff"] for fn in fns if "parity_eager" in fn]
+        top1 = [fn["parity"]["top1_agreement"] for fn in fns if fn["parity"].get("top1_agreement") is not None]
+        tfl = r.latency["median_ms"] if r.latency else None
+        rows.append({
+            "model": report.model, "format": r.format, "precision": r.precision, "status": r.status,
+            "size_mb": round(r.size_bytes / 1e6, 2) if r.size_bytes else None,
+            "rel_max_abs_diff": worst("rel_max_abs_diff"), "cosine_min": worst("cosine_min", min),
+            "top1_agreement": min(top1) if top1 else None,
+            "eager_rel_max_abs_diff": max(eager) if eager else None,
+            "tflite_ms": round(tfl, 2) if tfl else None,
+            "torch_ms": round(torch_ms, 2) if torch_ms else None,
+            "tflite_speedup": round(torch_ms / tfl, 2) if tfl and torch_ms else None,
+            "input": "x".join(map(str, report.input["shapes"][0])), "seconds": round(r.seconds, 1),
+            "reason": r.reason[:300],
+        })
+    return rows
+
+
+def failed_rows(name: str, formats: list[str], precisions: list[str], err: Exception) -> list[dict[str, Any]]:
+    return [{"model": name, "format": f, "precision": p, "status": "failed",
+             "reason": f"{type(err).__name__}: {str(err)[:280]}"} for f in formats for p in precisions]
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(rows: list[dict[str, Any]], csv_path: Path, md_path: Path) -> None:
+    from vizoo.io import write_text_atomic
+
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(csv_path, buf.getvalue())
+    write_text_atomic(md_path, markdown(rows))
+
+
+def _num(v: Any, fmt: str) -> str:
+    if v in (None, ""):
+        return ""
+    try:
+        return format(float(v), fmt)
+    except ValueError:
+        return str(v)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    from vizoo.export.verify import BOUNDS
+
+    lines = [
+        "| model | format | precision | status | size (MB) | parity: max abs diff / output range | "
+        "worst cosine | top-1 agreement | TFLite ms | PyTorch ms | TFLite speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')[:120]}"
+        lines.append(" | ".join([
+            f"| {r['model']}", r["format"], r["precision"], status, _num(r.get("size_mb"), ".2f"),
+            _num(r.get("rel_max_abs_diff"), ".1e"), _num(r.get("cosine_min"), ".6f"),
+            _num(r.get("top1_agreement"), ".0%"), _num(r.get("tflite_ms"), ".2f"),
+            _num(r.get("torch_ms"), ".2f"),
+            (_num(r.get("tflite_speedup"), ".2f") + "x") if r.get("tflite_speedup") else "",
+        ]) + " |")
+    bounds = "; ".join(f"{p}: " + ", ".join(
+        x for x in [f"max abs diff <= {b.rel_max_abs:g} of the output range" if b.rel_max_abs else "",
+                    f"worst cosine >= {b.cosine_min:g}",
+                    f"top-1 agreement >= {b.top1_min:.0%}" if b.top1_min is not None else ""] if x)
+        for p, b in BOUNDS.items())
+    return ("\n".join(lines) + "\n\nParity on 64 bundled photographs (CoreML: tensor function on "
+            "64, camera-image function on 16; the worst function is shown). Bounds: " + bounds +
+            ". Latency: median of 21 runs (3 interleaved rounds of 7 after 3 warm-up runs), batch 1, "
+            "2 threads, PyTorch eager and TFLite timed in the same run (load_avg in the CSV is the "
+            "machine's 1-minute load then); random weights.\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=["*"], help="name patterns (default: all registered)")
+    ap.add_argument("--timm", nargs="*", default=["mobilenetv2_100"],
+                    help="timm models to add (users' own models go through the same API)")
+    ap.add_argument("--formats", nargs="+", default=["coreml", "tflite"])
+    ap.add_argument("--precision", nargs="+", default=["fp32"])
+    ap.add_argument("--out-dir", default="exports/matrix", help="where the exported files go")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--redo", action="store_true", help="re-export rows already in the CSV")
+    args = ap.parse_args(argv)
+
+    import vizoo
+    from vizoo.export.api import build_model
+
+    names = vizoo.list_models(args.models) + [f"timm:{n}" for n in args.timm]
+    results = Path(args.results)
+    csv_path, md_path = results / "export_matrix.csv", results / "export_matrix.md"
+    rows = read_rows(csv_path)
+    done = {(r["model"], r["format"], r["precision"]) for r in rows}
+    todo = [n for n in names if args.redo or any((n, f, p) not in done for f in args.formats
+                                                 for p in args.precision)]
+    print(f"{len(names)} models, {len(names) - len(todo)} already done ({csv_path})")
+    for name in tqdm(todo, desc="export matrix"):
+        t0 = time.time()
+        try:
+            model = build_model(name)
+            report = vizoo.export(model, formats=args.formats, precision=args.precision, name=name,
+                                  out_dir=Path(args.out_dir) / name.replace(":", "_"),
+                                  verify_images=args.images)
+            new = rows_from_report(report)
+        except Exception as e:  # noqa: BLE001 - one model's failure must not stop the matrix
+            new = failed_rows(name, args.formats, args.precision, e)
+        for r in new:  # the machine's load when timed: latencies on a shared machine need it
+            r["load_avg"] = round(os.getloadavg()[0], 1)
+        keys = {(r["model"], r["format"], r["precision"]) for r in new}
+        rows = [r for r in rows if (r["model"], r["format"], r["precision"]) not in keys] + new
+        order = {n: i for i, n in enumerate(names)}
+        rows.sort(key=lambda r: (order.get(r["model"], len(order)), r["format"], r["precision"]))
+        write_rows(rows, csv_path, md_path)
+        tqdm.write(f"{name}: " + ", ".join(f"{r['format']} {r['precision']} {r['status']}" for r in new)
+                   + f" ({time.time() - t0:.0f} s)")
+    bad = [r for r in rows if r["status"] == "failed"]
+    print(f"wrote {csv_path} and {md_path}: {len(rows)} rows, {len(bad)} failed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

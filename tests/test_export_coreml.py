@@ -1,0 +1,87 @@
+"""CoreML export: both functions verified by the MIL executor, app metadata, fp16 bounds, and a
+verifier that fails on a corrupted weight."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from vizoo.export import export_model
+from vizoo.export.api import verify_file
+from vizoo.export.spec import resolve_spec
+
+from test_export_verify import MEAN, tiny_classifier
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("coreml")
+    model = tiny_classifier()
+    model.labels = [f"class_{i}" for i in range(10)]
+    report = export_model(model, formats="coreml", precision=("fp32", "fp16"), out_dir=out,
+                          name="tiny", latency=False)
+    return model, report, out
+
+
+def test_fp32_package_verified_by_mil_executor(exported):
+    _, report, _ = exported
+    r = report.result("coreml", "fp32")
+    assert r.status == "ok", r.reason
+    fns = r.verification["functions"]
+    assert set(fns) == {"main", "tensor"}
+    assert fns["main"]["input"] == "image" and fns["tensor"]["input"] == "tensor"
+    assert fns["tensor"]["parity"]["n_samples"] == 64
+    for fn in fns.values():
+        assert fn["parity"]["rel_max_abs_diff"] <= 1e-4
+        assert fn["parity"]["top1_agreement"] == 1.0
+
+
+def test_package_carries_what_an_app_needs(exported):
+    import coremltools as ct
+
+    _, _, out = exported
+    spec = ct.models.MLModel(str(out / "tiny_fp32.mlpackage"), skip_model_load=True).get_spec()
+    desc = spec.description
+    functions = {f.name: f for f in desc.functions}
+    image_fn, tensor_fn = functions["main"], functions["tensor"]
+    assert image_fn.input[0].type.WhichOneof("Type") == "imageType"
+    assert image_fn.predictedFeatureName == "classLabel"
+    assert list(tensor_fn.input[0].type.multiArrayType.shape) == [1, 3, 32, 32]
+    meta = dict(desc.metadata.userDefined)
+    assert meta["vizoo.model"] == "tiny"
+    assert json.loads(meta["vizoo.labels"])[2] == "class_2"
+    assert json.loads(meta["vizoo.preprocessing"])["mean"] == pytest.approx(MEAN)
+    # the labels sit in the classify op of the image function
+    mil = spec.mlProgram.functions["main"].block_specializations
+    ops = [op.type for block in mil.values() for op in block.operations]
+    assert "classify" in ops
+
+
+def test_fp16_within_stated_bounds(exported):
+    _, report, _ = exported
+    r = report.result("coreml", "fp16")
+    assert r.status == "ok", r.reason
+    assert r.details["compute_precision"] == "fp16"
+    for fn in r.verification["functions"].values():
+        p = fn["parity"]
+        assert p["rel_max_abs_diff"] <= 1e-2 and p["cosine_min"] >= 0.999
+        assert p["rel_max_abs_diff"] > 0  # half precision really was used
+
+
+def test_corrupted_weight_in_package_fails_verification(exported, tmp_path):
+    model, _, out = exported
+    bad = tmp_path / "tiny_fp32.mlpackage"
+    shutil.copytree(out / "tiny_fp32.mlpackage", bad)
+    blob = bad / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    data = bytearray(blob.read_bytes())
+    weight = model[-1].weight.detach().numpy().astype(np.float32)   # classifier, stored verbatim
+    at = data.find(weight.tobytes())
+    assert at > 0, "the classifier weight is stored verbatim in the fp32 package"
+    corrupted = weight.copy()
+    corrupted[0, :] *= -4.0                                          # one class's weights
+    data[at:at + weight.nbytes] = corrupted.tobytes()
+    blob.write_bytes(bytes(data))
+    status, reason, details = verify_file("coreml", bad, resolve_spec(model), "fp32")
+    assert status == "failed" and "parity out of bounds" in reason
+    assert all(f["parity"]["top1_agreement"] < 1 or f["parity"]["rel_max_abs_diff"] > 1e-2
+               for f in details["functions"].values())

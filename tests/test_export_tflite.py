@@ -1,0 +1,91 @@
+"""TFLite export: parity on real images, int8 bounds, app metadata, and a verifier that can fail."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vizoo.data.bundled import normalize, photo_images
+from vizoo.export import export_model
+from vizoo.export.api import verify_file
+from vizoo.export.spec import resolve_spec
+from vizoo.export.tflite import read_metadata
+
+from test_export_verify import MEAN, STD, tiny_classifier
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tflite")
+    model = tiny_classifier()
+    model.labels = [f"class_{i}" for i in range(10)]
+    report = export_model(model, formats="tflite", precision=("fp32", "int8"), out_dir=out,
+                          name="tiny", latency=True)
+    return model, report, out
+
+
+def test_fp32_file_matches_pytorch_on_64_real_images(exported):
+    model, report, out = exported
+    r = report.result("tflite", "fp32")
+    assert r.status == "ok", r.reason
+    p = r.parity()
+    assert p["n_samples"] == 64
+    assert p["rel_max_abs_diff"] <= 1e-4 and p["top1_agreement"] == 1.0
+    assert r.latency["median_ms"] > 0 and r.latency["threads"] == 2
+    assert (out / "report.json").is_file()
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["results"][0]["status"] == "ok"
+    assert on_disk["input"]["shapes"] == [[1, 3, 32, 32]]
+
+
+def test_file_runs_in_the_plain_interpreter_as_an_app_would(exported):
+    """Independent of vizoo's runner: NHWC float input, normalised with the sidecar's numbers."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, report, out = exported
+    side = json.loads((out / "tiny_fp32.tflite.json").read_text())
+    assert side["input_layout"] == "NHWC" and side["labels"][3] == "class_3"
+    assert side["preprocessing"]["mean"] == pytest.approx(MEAN)
+    assert read_metadata(out / "tiny_fp32.tflite")["labels"] == side["labels"]   # embedded too
+    it = Interpreter(model_path=str(out / "tiny_fp32.tflite"), num_threads=1)
+    it.allocate_tensors()
+    inp, outp = it.get_input_details()[0], it.get_output_details()[0]
+    assert list(inp["shape"]) == [1, 32, 32, 3]
+    x01 = photo_images(3, 32)
+    for img in x01:
+        pixels = (img.permute(1, 2, 0).numpy() - np.array(side["preprocessing"]["mean"])) / \
+            np.array(side["preprocessing"]["std"])
+        it.set_tensor(inp["index"], pixels[None].astype(np.float32))
+        it.invoke()
+        with torch.no_grad():
+            expected = model(normalize(img[None], MEAN, STD)).numpy()
+        np.testing.assert_allclose(it.get_tensor(outp["index"]), expected, atol=1e-5)
+
+
+def test_int8_full_integer_within_stated_bounds(exported):
+    _, report, out = exported
+    r = report.result("tflite", "int8")
+    assert r.status == "ok", r.reason
+    assert r.details["io"]["inputs"][0]["dtype"] == "int8"          # full integer, int8 I/O
+    p = r.parity()
+    assert p["cosine_min"] >= r.verification["bounds"]["cosine_min"] == 0.95
+    assert p["top1_agreement"] >= 0.75
+
+
+def test_corrupted_weight_in_file_fails_verification(exported, tmp_path):
+    model, _, out = exported
+    bad = tmp_path / "tiny_fp32.tflite"
+    shutil.copy(out / "tiny_fp32.tflite", bad)
+    shutil.copy(out / "tiny_fp32.tflite.json", tmp_path / "tiny_fp32.tflite.json")
+    data = bytearray(bad.read_bytes())
+    bias = model[-1].bias.detach().numpy().astype(np.float32)
+    at = data.find(bias.tobytes())
+    assert at > 0, "the classifier bias is stored verbatim in the fp32 file"
+    corrupted = bias.copy()
+    corrupted[0] += 1.0                                               # one weight, one class
+    data[at:at + bias.nbytes] = corrupted.tobytes()
+    bad.write_bytes(bytes(data))
+    status, reason, details = verify_file("tflite", bad, resolve_spec(model), "fp32")
+    assert status == "failed" and "parity out of bounds" in reason
+    assert details["functions"]["serving_default"]["parity"]["max_abs_diff"] > 0.5

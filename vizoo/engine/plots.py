@@ -1,0 +1,86 @@
+"""Figures of a run: training curves and the confusion matrix (matplotlib, no display needed)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """Loss (train, val), accuracy (top-1, top-5) and learning rate against epochs."""
+    from vizoo.io import atomic_path
+
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r.get("train_loss") for r in history], "o-", label="train loss")
+    if any(r.get("val_loss") is not None for r in history):
+        ax_loss.plot(epochs, [r.get("val_loss") for r in history], "o-", label="val loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_yscale("log")
+    ax_loss.grid(alpha=0.3)
+    ax_lr = ax_loss.twinx()
+    ax_lr.plot(epochs, [r.get("lr") for r in history], ":", color="grey", label="lr")
+    ax_lr.set_ylabel("learning rate (dotted)")
+    ax_loss.legend(loc="upper right")
+    for key, style in (("val_top1", "o-"), ("val_top5", "s--")):
+        if any(r.get(key) is not None for r in history):
+            ax_acc.plot(epochs, [r.get(key) for r in history], style, label=key.replace("_", " "))
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | os.PathLike,
+                          title: str = "") -> Path:
+    """Row-normalised confusion matrix (rows: true class); counts written in cells up to 30 classes."""
+    import numpy as np
+
+    from vizoo.io import atomic_path
+
+    plt = _pyplot()
+    m = np.asarray(matrix, dtype=np.float64)
+    rows = m.sum(axis=1, keepdims=True)
+    norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    n = len(labels)
+    side = min(max(4.0, 0.45 * n + 2), 20.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    if n <= 50:
+        ax.set_xticks(range(n), labels=list(labels), rotation=90 if n > 10 else 0)
+        ax.set_yticks(range(n), labels=list(labels))
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if m[i, j]:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,195 @@
+"""`export_model`: convert, verify and time a model for each format and precision asked for.
+
+Every check a user could fail (format, precision, options, installed converters, input size)
+runs before the first conversion. A conversion failure is written to the report (op, module
+path, fix) and the other formats still export; files land only when complete.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..io import atomic_path, write_json_atomic
+from .errors import ConversionError, require
+from .formats import FORMATS, PRECISIONS, ExportFormat, all_options, get_format
+from .report import ExportReport, FormatResult, converter_versions, path_size
+from .spec import ModelSpec, resolve_spec
+from .verify import ParityInputs, Unverifiable, parity_inputs, verify_functions
+
+
+def build_model(name: str, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """A vizoo model by name (optionally from a checkpoint), or ``timm:NAME`` for a timm model."""
+    if name.startswith("timm:"):
+        import timm
+
+        model = timm.create_model(name[len("timm:"):], pretrained=False, **kwargs)
+        if checkpoint:
+            from ..hub import load_checkpoint
+
+            load_checkpoint(model, checkpoint)
+        return model
+    if checkpoint:
+        from ..hub import load_model
+
+        return load_model(checkpoint, name=name, **kwargs)
+    from ..factory import create_model
+
+    return create_model(name, **kwargs)
+
+
+def _as_list(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _check_request(formats: list[ExportFormat], precisions: list[str], options: dict[str, Any]) -> None:
+    known = all_options()
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise ValueError(f"unknown export option(s) {unknown}; known: {sorted(known)}")
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ValueError(f"unknown precision {p!r}; choose from {list(PRECISIONS)}")
+    for f in formats:
+        bad = [p for p in precisions if p not in f.precisions]
+        if bad:
+            raise ValueError(f"{f.title} does not support precision(s) {bad}")
+        f.resolve_options({k: v for k, v in options.items() if k in f.options})
+
+
+def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml", "tflite"),
+                 input_size: Any = None, precision: str | Sequence[str] = "fp32",
+                 out_dir: str | os.PathLike | None = None, verify: bool = True,
+                 calibration_data: Any = None, *, name: str | None = None, batch_size: int = 1,
+                 verify_images: int = 64, latency: bool = True, threads: int = 2,
+                 **options: Any) -> ExportReport:
+    """Export ``model`` to each format at each precision, verify each file, write report.json.
+
+    ``model``: an nn.Module (vizoo, timm or your own; plain modules need ``input_size``) or a
+    registered vizoo name (``timm:NAME`` for timm). ``input_size``: int, (H, W) or (C, H, W);
+    default the model's ``pretrained_cfg['input_size']``. Shapes are static (batch
+    ``batch_size``). ``precision``: "fp32", "fp16", "int8" or a list of them.
+    ``calibration_data``: images for int8 (folder, or (N, C, H, W) in [0, 1]); default the
+    bundled photographs. ``options``: format options from :data:`vizoo.export.formats.FORMATS`
+    (``layout``, ``int8_mode``, ``coreml_inputs``, ``compress``).
+    Returns the report (also written to ``out_dir/report.json``).
+    """
+    fmts = [get_format(f) for f in _as_list(formats)]
+    precisions = _as_list(precision)
+    _check_request(fmts, precisions, options)
+    for f in fmts:
+        require(f.requires, f"{f.title} export")
+    if isinstance(model, str):
+        name = name or model
+        model = build_model(model)
+    spec = resolve_spec(model, input_size, name=name, batch_size=batch_size)
+    out = Path(out_dir) if out_dir is not None else Path("exports") / spec.stem
+    out.mkdir(parents=True, exist_ok=True)
+
+    pin = ref = ref_eager = None
+    if verify:
+        pin = parity_inputs(spec, verify_images)
+        ref = spec.reference(pin.samples, export_form=True)
+        ref_eager = spec.reference(pin.samples, export_form=False) if spec.export_aware else None
+
+    results = []
+    jobs = [(f, p) for f in fmts for p in precisions]
+    for fmt, prec in tqdm(jobs, desc=f"export {spec.name}", disable=len(jobs) < 2):
+        opts = fmt.resolve_options({k: v for k, v in options.items() if k in fmt.options})
+        results.append(_export_one(spec, fmt, prec, opts, out, calibration_data, pin, ref, ref_eager))
+
+    torch_lat = _measure_latency(spec, results, threads) if latency else None
+    from .. import __version__
+
+    report = ExportReport(
+        model=spec.name,
+        input={"shapes": [list(s) for s in spec.input_shapes], "names": spec.input_names,
+               "static": True, "layout_pytorch": "NCHW", "image_input": spec.image_input,
+               "mean": list(spec.mean), "std": list(spec.std),
+               "outputs": dict(zip(spec.output_names, [list(s) for s in spec.output_shapes])),
+               "classifier": spec.classifier, "num_classes": spec.num_classes,
+               "labels": "model labels" if spec.labels else ("class indices" if spec.classifier else None)},
+        results=results, converters=converter_versions(), vizoo_version=__version__,
+        pytorch_latency=torch_lat, export_form_layers=spec.export_aware,
+        path=str(out / "report.json"))
+    write_json_atomic(out / "report.json", report.to_dict())
+    return report
+
+
+def _export_one(spec: ModelSpec, fmt: ExportFormat, precision: str, options: dict[str, Any], out: Path,
+                calibration_data: Any, pin: ParityInputs | None, ref: Any, ref_eager: Any) -> FormatResult:
+    impl = fmt.implementation()
+    path = out / f"{spec.stem}_{precision}{fmt.suffix}"
+    t0 = time.perf_counter()
+    try:
+        with atomic_path(path) as tmp:
+            details = impl.convert(spec, tmp, precision, options, calibration_data)
+    except ConversionError as e:
+        return FormatResult(fmt.name, precision, "failed", str(e), error=e.to_dict(),
+                            seconds=time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - a crash in a converter/quantizer is a failed export
+        return FormatResult(fmt.name, precision, "failed",
+                            f"{fmt.title} {precision} export failed: {type(e).__name__}: {str(e)[:500]}",
+                            seconds=time.perf_counter() - t0)
+    side = details.pop("sidecar", None)
+    if side is not None:
+        write_json_atomic(path.with_name(path.name + ".json"), side)
+        details["sidecar_file"] = str(path.with_name(path.name + ".json"))
+    result = FormatResult(fmt.name, precision, "unverified", "verification skipped (verify=False)",
+                          file=str(path), size_bytes=path_size(path), details=details)
+    if pin is not None:
+        result.status, result.reason, result.verification = verify_file(
+            fmt, path, spec, details.get("judged_as", precision), pin, ref, ref_eager)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _measure_latency(spec: ModelSpec, results: list[FormatResult], threads: int) -> dict[str, Any]:
+    """PyTorch eager and every TFLite file, timed interleaved in one run (batch as exported).
+
+    Returns the PyTorch figure; each TFLite result gets its own. (Core ML runs only on Apple
+    devices: no CoreML latency here.)
+    """
+    from .bench import interleaved, torch_threads
+    from .tflite import timed_invoke
+
+    files = [r for r in results if r.format == "tflite" and r.file]
+    with torch.no_grad(), torch_threads(threads):
+        fns = {"torch": lambda: spec.module(*spec.example_inputs)}
+        fns.update({r.precision: timed_invoke(r.file, threads)[0] for r in files})
+        lat = interleaved(fns, rounds=3, runs=7, warmup=3, threads=threads, batch=spec.batch_size)
+    for r in files:
+        r.latency = lat[r.precision].to_dict()
+    return lat["torch"].to_dict()
+
+
+def verify_file(fmt: ExportFormat | str, path: str | os.PathLike, spec: ModelSpec, precision: str,
+                pin: ParityInputs | None = None, ref: Any = None,
+                ref_eager: Any = None) -> tuple[str, str, dict[str, Any]]:
+    """Run an exported file on real images against the PyTorch model: (status, reason, details).
+
+    Usable on any file on disk (e.g. one an app shipped), not only right after an export.
+    """
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    if pin is None:
+        pin = parity_inputs(spec)
+    if ref is None:
+        ref = spec.reference(pin.samples, export_form=True)
+        if spec.export_aware:
+            ref_eager = spec.reference(pin.samples, export_form=False)
+    try:
+        functions = fmt.implementation().open_runner(path, spec)
+        v = verify_functions(functions, spec, precision, pin, ref, ref_eager)
+    except Unverifiable as e:
+        return "unverified", f"unverified: {e}", {}
+    except Exception as e:  # noqa: BLE001 - a file its runtime cannot run is a failure
+        return "failed", f"the {fmt.title} runtime could not run the file: {type(e).__name__}: {e}", {}
+    return v.pop("status"), v.pop("reason"), v
+
+
+__all__ = ["export_model", "verify_file", "build_model", "FORMATS"]

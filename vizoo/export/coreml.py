@@ -1,0 +1,239 @@
+"""CoreML: torch.export -> coremltools ML Program (.mlpackage), checked by the MIL executor.
+
+By default one package holds two functions with shared weights: ``main`` takes a camera image
+(``ct.ImageType``; the model's mean/std applied in the graph, since ImageType has one scale) and
+carries the class labels (``ClassifierConfig``); ``tensor`` takes a normalised NCHW tensor and
+returns raw outputs. Conversion goes through ``torch.export(...).run_decompositions({})``: the
+``jit.trace`` path breaks under NumPy 2 for topk/gather and grouped variance.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..layers.export_mode import export_mode
+from .errors import diagnose
+from .spec import ImageInput, ModelSpec
+from .verify import RunFunction, Unverifiable
+
+IMAGE_FUNCTION, TENSOR_FUNCTION = "main", "tensor"
+
+
+def _exported(spec: ModelSpec, image: bool) -> Any:
+    """The torch.export program (cached on the spec: every precision converts the same one)."""
+    key = ("coreml_ep", image)
+    if key not in spec.cache:
+        module = ImageInput(spec.module, spec.mean, spec.std).eval() if image else spec.module
+        args = (torch.rand(spec.example_inputs[0].shape),) if image else spec.example_inputs
+        with export_mode(spec.model):
+            try:
+                spec.cache[key] = torch.export.export(module, args).run_decompositions({})
+            except Exception as e:  # noqa: BLE001
+                raise diagnose(e, "coreml", spec.module, spec.example_inputs) from e
+    return spec.cache[key]
+
+
+def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any) -> Any:
+    import coremltools as ct
+
+    ep = _exported(spec, image)
+    compute = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
+    kwargs: dict[str, Any] = {}
+    if image:
+        c = spec.input_size[0]
+        inputs = [ct.ImageType(name="image", shape=tuple(spec.example_inputs[0].shape), scale=1 / 255.0,
+                               bias=[0.0] * c, color_layout=ct.colorlayout.RGB if c == 3
+                               else ct.colorlayout.GRAYSCALE)]
+        if spec.classifier and spec.batch_size == 1:
+            kwargs["classifier_config"] = ct.ClassifierConfig(spec.class_labels())
+        else:
+            kwargs["outputs"] = [ct.TensorType(name=n, dtype=np.float32) for n in spec.output_names]
+    else:
+        inputs = [ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32)
+                  for n, x in zip(spec.input_names, spec.example_inputs)]
+        kwargs["outputs"] = [ct.TensorType(name=n, dtype=np.float32) for n in spec.output_names]
+    try:
+        return ct.convert(ep, inputs=inputs, minimum_deployment_target=target, compute_precision=compute,
+                          convert_to="mlprogram", **kwargs)
+    except Exception as e:  # noqa: BLE001
+        with export_mode(spec.model):
+            raise diagnose(e, "coreml", spec.module, spec.example_inputs) from e
+
+
+def _compress(mlmodel: Any, method: str) -> Any:
+    """coremltools.optimize weight compression (tensors under 2048 elements stay float)."""
+    if method == "none":
+        return mlmodel
+    import coremltools.optimize.coreml as cto
+
+    if method == "palettize4":
+        cfg = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=4))
+        return cto.palettize_weights(mlmodel, cfg)
+    dtype = {"linear8": "int8", "linear4": "int4"}[method]
+    cfg = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype=dtype, granularity="per_channel"))
+    return cto.linear_quantize_weights(mlmodel, cfg)
+
+
+def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any],
+            calibration_data: Any = None) -> dict[str, Any]:
+    """Write ``path`` (a .mlpackage directory); return what the report needs."""
+    import coremltools as ct
+
+    mode = options["coreml_inputs"] if spec.camera_input else "tensor"
+    compress = options["compress"]
+    if precision == "int8" and compress == "none":
+        compress = "linear8"
+    target = ct.target.iOS18 if (mode == "both" or compress == "linear4") else ct.target.iOS17
+    functions: dict[str, Any] = {}
+    if mode in ("both", "image"):
+        functions[IMAGE_FUNCTION if mode == "both" else "main"] = _convert_one(spec, True, precision, target)
+    if mode in ("both", "tensor"):
+        functions[TENSOR_FUNCTION if mode == "both" else "main"] = _convert_one(spec, False, precision, target)
+    functions = {k: _compress(m, compress) for k, m in functions.items()}
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".coreml-") as scratch:
+        if len(functions) == 1:
+            mlmodel = next(iter(functions.values()))
+        else:
+            desc = ct.utils.MultiFunctionDescriptor()
+            for fname, m in functions.items():
+                src = Path(scratch) / f"{fname}.mlpackage"
+                m.save(str(src))
+                desc.add_function(str(src), src_function_name="main", target_function_name=fname)
+            desc.default_function_name = IMAGE_FUNCTION
+            merged = Path(scratch) / "merged.mlpackage"
+            ct.utils.save_multifunction(desc, str(merged))
+            mlmodel = ct.models.MLModel(str(merged), skip_model_load=True)
+        _set_metadata(mlmodel, spec, precision, mode, compress)
+        out = Path(scratch) / "final.mlpackage"
+        mlmodel.save(str(out))
+        out.rename(path)
+    image_fn = {"both": IMAGE_FUNCTION, "image": "main"}.get(mode)
+    return {"functions": {name: "image" if name == image_fn else "tensor" for name in functions},
+            "compute_precision": "fp32" if precision == "fp32" else "fp16",
+            "weight_compression": compress, "minimum_deployment_target": target.name,
+            # compressed weights are judged with the int8 bounds, whatever the compute precision
+            "judged_as": "int8" if compress != "none" else precision,
+            "input_layout": "NCHW (tensor function); image (ImageType) for the image function"}
+
+
+def _set_metadata(mlmodel: Any, spec: ModelSpec, precision: str, mode: str, compress: str) -> None:
+    from .. import __version__
+
+    mlmodel.author = "vizoo"
+    mlmodel.license = spec.license
+    mlmodel.version = __version__
+    paper = spec.cfg.get("paper") or ""
+    mlmodel.short_description = f"{spec.name}" + (f" ({paper})" if paper else "") + \
+        f"; input {'x'.join(map(str, spec.input_size))}; {precision}"
+    meta = mlmodel.user_defined_metadata
+    meta["vizoo.model"] = spec.name
+    meta["vizoo.version"] = __version__
+    meta["vizoo.input_size"] = json.dumps(list(spec.input_size))
+    meta["vizoo.input_shapes"] = json.dumps([list(s) for s in spec.input_shapes])
+    meta["vizoo.precision"] = precision
+    meta["vizoo.weight_compression"] = compress
+    meta["vizoo.functions"] = mode
+    meta["vizoo.output_names"] = json.dumps(spec.output_names)
+    if spec.image_input:
+        meta["vizoo.preprocessing"] = json.dumps({
+            "image_function": "RGB pixels 0-255; scale 1/255, then (x - mean) / std inside the model",
+            "tensor_function": "x = (pixel / 255 - mean) / std per channel, NCHW float32",
+            "mean": list(spec.mean), "std": list(spec.std),
+            "interpolation": spec.cfg.get("interpolation", "bilinear"),
+            "crop_pct": spec.cfg.get("crop_pct", 1.0)})
+    if spec.classifier:
+        meta["vizoo.labels"] = json.dumps(spec.class_labels())
+
+
+# --- running the file ---------------------------------------------------------------------------
+def _function_descriptions(path: Path) -> list[tuple[str, Any]]:
+    import coremltools as ct
+
+    desc = ct.models.MLModel(str(path), skip_model_load=True).get_spec().description
+    if len(desc.functions):
+        return [(f.name, f) for f in desc.functions]
+    return [("main", desc)]
+
+
+def _feature_inputs(desc: Any, sample: tuple[torch.Tensor, ...]) -> tuple[dict[str, Any], str]:
+    from PIL import Image
+
+    feeds: dict[str, Any] = {}
+    kind = "tensor"
+    for feature, x in zip(desc.input, sample):
+        if feature.type.WhichOneof("Type") == "imageType":
+            kind = "image"
+            pixels = (x[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            feeds[feature.name] = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels,
+                                                  mode="L" if pixels.shape[-1] == 1 else "RGB")
+        else:
+            feeds[feature.name] = x.numpy().astype(np.float32)
+    return feeds, kind
+
+
+def _outputs(desc: Any, result: dict[str, Any], labels: list[Any]) -> list[np.ndarray]:
+    probs = desc.predictedProbabilitiesName
+    if probs:
+        value = result[probs]
+        if isinstance(value, dict):
+            keys = list(value)
+            lookup = {str(k): v for k, v in value.items()}
+            value = [lookup[str(label)] for label in (labels or keys)]
+        return [np.asarray(value, dtype=np.float32).reshape(1, -1)]
+    return [np.asarray(result[o.name], dtype=np.float32) for o in desc.output]
+
+
+def open_runner(path: str | Path, spec: ModelSpec | None = None) -> list[RunFunction]:
+    """One RunFunction per function of the package: Core ML on macOS, else vizoo.export.mil."""
+    path = Path(path)
+    described = _function_descriptions(path)
+    labels = spec.class_labels() if spec is not None and spec.classifier else []
+    multi = len(described) > 1
+    on_mac = sys.platform == "darwin" and platform.mac_ver()[0] != ""
+    if on_mac:
+        import coremltools as ct
+
+        models = {name: ct.models.MLModel(str(path), function_name=name if multi else None)
+                  for name, _ in described}
+
+        def call(name: str, feeds: dict[str, Any]) -> dict[str, Any]:
+            return models[name].predict(feeds)
+    else:
+        try:
+            from . import mil
+        except ImportError as e:
+            raise Unverifiable("no CoreML runtime here: Core ML runs only on macOS and the MIL "
+                               f"reference executor (vizoo.export.mil) is not available ({e})") from e
+        programs = {name: mil.load_program(path, name if multi else None) for name, _ in described}
+        missing = set().union(*(mil.unsupported_ops(p) for p in programs.values()))
+        if missing:
+            raise Unverifiable(f"op {', '.join(sorted(missing))} has no NumPy reference in "
+                               "vizoo.export.mil (verify on macOS, or implement the op)")
+        run_program = getattr(mil, "run_program", None)
+
+        def call(name: str, feeds: dict[str, Any]) -> dict[str, Any]:
+            try:
+                if run_program is not None:
+                    return run_program(programs[name], feeds)
+                return mil.run_mlpackage(path, feeds, function_name=name if multi else None)
+            except mil.UnsupportedOpError as e:
+                raise Unverifiable(str(e).removeprefix("unverified: ")) from e
+
+    functions = []
+    for name, desc in described:
+        kind = "image" if desc.input[0].type.WhichOneof("Type") == "imageType" else "tensor"
+
+        def run(sample: tuple[torch.Tensor, ...], _name: str = name, _desc: Any = desc) -> list[np.ndarray]:
+            feeds, _ = _feature_inputs(_desc, sample)
+            return _outputs(_desc, call(_name, feeds), labels)
+
+        functions.append(RunFunction(name, kind, run))
+    return functions

@@ -1,0 +1,104 @@
+"""The export formats, as ONE table that the API, the CLI, the report and the benchmarks read.
+
+Adding a format is one row here plus one module with ``convert(...)`` and ``open_runner(...)``
+(Ultralytics' exporter is built the same way). Option values: the first one listed is the default.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    title: str
+    suffix: str
+    precisions: tuple[str, ...]
+    #: option name -> allowed values (first = default), documented in ``option_help``
+    options: dict[str, tuple[Any, ...]]
+    option_help: dict[str, str]
+    #: Python modules the converter needs (all come with ``pip install 'vizoo[export]'``)
+    requires: tuple[str, ...]
+    #: what runs the file to verify it
+    runtime: str
+    #: module implementing ``convert(spec, path, precision, options, calibration)`` and
+    #: ``open_runner(path, ...)``
+    module: str
+    #: PyPI distributions whose versions the report records
+    versions_of: tuple[str, ...] = field(default=())
+
+    @property
+    def cli_arg(self) -> str:
+        return self.name
+
+    def implementation(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults filled in; unknown values raise with the allowed ones listed."""
+        out = {}
+        for key, allowed in self.options.items():
+            value = given.get(key)
+            if value is None:
+                value = allowed[0]
+            if value not in allowed:
+                raise ValueError(f"{self.name} option {key}={value!r} is not one of {list(allowed)}")
+            out[key] = value
+        return out
+
+
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
+    ExportFormat(
+        name="coreml", title="CoreML", suffix=".mlpackage", precisions=PRECISIONS,
+        options={
+            "coreml_inputs": ("both", "image", "tensor"),
+            "compress": ("none", "linear8", "linear4", "palettize4"),
+        },
+        option_help={
+            "coreml_inputs": "both: one package with function 'main' taking a camera image "
+                             "(ct.ImageType, mean/std folded in) and function 'tensor' taking a "
+                             "normalised tensor (multifunction, iOS 18+); image or tensor: one "
+                             "function only (iOS 17+)",
+            "compress": "weight compression by coremltools.optimize: 8-bit linear, 4-bit linear "
+                        "(iOS 18+) or 4-bit k-means palettization; int8 precision means linear8",
+        },
+        requires=("coremltools",),
+        runtime="vizoo.export.mil (NumPy MIL executor; MLModel.predict on macOS)",
+        module="vizoo.export.coreml",
+        versions_of=("coremltools",),
+    ),
+    ExportFormat(
+        name="tflite", title="TFLite", suffix=".tflite", precisions=PRECISIONS,
+        options={
+            "layout": ("nhwc", "nchw"),
+            "int8_mode": ("full", "dynamic"),
+        },
+        option_help={
+            "layout": "image input layout: NHWC is what Android camera pipelines hand over",
+            "int8_mode": "full: int8 weights and activations calibrated on a representative "
+                         "dataset (int8 I/O, fastest); dynamic: int8 weights, activations "
+                         "quantized at run time (float I/O)",
+        },
+        requires=("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
+        runtime="ai-edge-litert Interpreter (tflite_runtime if that is what is installed)",
+        module="vizoo.export.tflite",
+        versions_of=("litert-torch", "ai-edge-litert", "ai-edge-quantizer"),
+    ),
+)}
+
+
+def get_format(name: str) -> ExportFormat:
+    try:
+        return FORMATS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown export format {name!r}; choose from {list(FORMATS)}") from None
+
+
+def all_options() -> dict[str, tuple[ExportFormat, tuple[Any, ...], str]]:
+    """Every format option by name (option names are unique across formats)."""
+    return {k: (f, v, f.option_help[k]) for f in FORMATS.values() for k, v in f.options.items()}

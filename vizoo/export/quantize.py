@@ -1,0 +1,126 @@
+"""Reduced precision: representative (calibration) data and TFLite quantization recipes.
+
+Calibration images come from the user (a folder of images or a tensor of [0, 1] images) or
+from the bundled photographs; they are crops drawn with another seed than the parity images, so
+a file is never judged on the images it was calibrated on. TFLite fp16 and int8 files are made
+from the fp32 file by ai-edge-quantizer (one conversion serves every precision).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.bundled import PHOTO_NAMES, normalize, photo_images
+from .spec import ModelSpec
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+CALIBRATION_SEED = 1
+
+
+def load_image_folder(folder: str | os.PathLike, size: tuple[int, int], chans: int,
+                      limit: int = 256, crop_pct: float = 0.875) -> torch.Tensor:
+    """Images under ``folder`` (recursively) as (N, C, H, W) in [0, 1], resized and centre
+    cropped the way timm evaluates (shorter side to size/crop_pct, then the centre)."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    h, w = size
+    out = []
+    for f in files:
+        img = Image.open(f).convert("L" if chans == 1 else "RGB")
+        t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+        scale = max(h, w) / crop_pct / min(t.shape[1:])
+        t = F.interpolate(t[None], scale_factor=scale, mode="bilinear", antialias=True,
+                          align_corners=False)[0]
+        top, left = (t.shape[1] - h) // 2, (t.shape[2] - w) // 2
+        out.append(t[:, top:top + h, left:left + w].clamp(0, 1))
+    x = torch.stack(out)
+    if x.shape[1] != chans:
+        x = x.mean(1, keepdim=True).expand(-1, chans, -1, -1).contiguous()
+    return x
+
+
+def calibration_samples(spec: ModelSpec, calibration_data: Any = None,
+                        n: int = 64) -> list[tuple[torch.Tensor, ...]]:
+    """Representative inputs in the model's own input space (normalised, NCHW, batch as exported).
+
+    ``calibration_data``: None (bundled photographs), a folder of images, a tensor/array of
+    images in [0, 1] shaped (N, C, H, W), or an iterable of ready input tuples (models with
+    their own ``example_inputs``).
+    """
+    b = spec.batch_size
+    if spec.image_input and (calibration_data is None or isinstance(calibration_data, (str, os.PathLike))
+                             or isinstance(calibration_data, (torch.Tensor, np.ndarray))):
+        c, h, w = spec.input_size
+        if calibration_data is None:
+            skip = len(PHOTO_NAMES)  # only seeded crops: the parity set starts with whole photos
+            x01 = photo_images(n * b + skip, (h, w), c, seed=CALIBRATION_SEED)[skip:]
+        elif isinstance(calibration_data, (str, os.PathLike)):
+            x01 = load_image_folder(calibration_data, (h, w), c,
+                                    crop_pct=float(spec.cfg.get("crop_pct", 0.875)))
+        else:
+            x01 = torch.as_tensor(np.asarray(calibration_data), dtype=torch.float32)
+            if x01.dim() != 4 or tuple(x01.shape[1:]) != (c, h, w):
+                raise ValueError(f"calibration_data must be images shaped (N, {c}, {h}, {w}) in "
+                                 f"[0, 1]; got {tuple(x01.shape)}")
+            if x01.min() < -1e-3 or x01.max() > 1 + 1e-3:
+                raise ValueError("calibration_data must be images in [0, 1] (the exporter applies "
+                                 "the model's mean/std itself)")
+        x = normalize(x01, spec.mean, spec.std)
+        groups = [x[i:i + b] for i in range(0, len(x) - b + 1, b)]
+        extra = spec.example_inputs[1:]
+        return [(g.contiguous(), *extra) for g in groups]
+    if calibration_data is None:
+        out = []
+        for i in range(min(n, 32)):
+            torch.manual_seed(10_000 + i)
+            out.append(tuple(spec.model.example_inputs(batch_size=b, input_size=spec.input_size)))
+        return out
+    samples = [tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in calibration_data]
+    if not samples:
+        raise ValueError("calibration_data is empty")
+    return samples
+
+
+# --- TFLite: fp16 / int8 from the fp32 flatbuffer (ai-edge-quantizer) -------------------------
+def tflite_fp16(fp32: bytes) -> bytes:
+    """fp16 weights (dequantized to fp32 at load; float I/O)."""
+    from ai_edge_quantizer import qtyping, quantizer
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    q = quantizer.Quantizer(bytearray(fp32))
+    q.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                             num_bits=16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+    return bytes(q.quantize(enable_progress_report=False).quantized_model)
+
+
+def tflite_int8_dynamic(fp32: bytes) -> bytes:
+    """int8 weights, activations quantized at run time (float I/O)."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    q = quantizer.Quantizer(bytearray(fp32), recipe.dynamic_wi8_afp32())
+    return bytes(q.quantize(enable_progress_report=False).quantized_model)
+
+
+def tflite_int8_full(fp32: bytes, calibration: Sequence[dict[str, np.ndarray]],
+                     signature: str = "serving_default", threads: int = 2) -> bytes:
+    """int8 weights and activations (int8 I/O), ranges from the calibration inputs."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    q = quantizer.Quantizer(bytearray(fp32), recipe.static_wi8_ai8())
+    result = q.calibrate({signature: list(calibration)}, num_threads=threads)
+    return bytes(q.quantize(result, enable_progress_report=False).quantized_model)
+
+
+def as_signature_inputs(samples: Iterable[tuple[torch.Tensor, ...]], names: Sequence[str],
+                        prepare: Any) -> list[dict[str, np.ndarray]]:
+    """Calibration samples as the quantizer wants them: ``{input name: array}`` per sample."""
+    return [{n: prepare(i, x) for i, (n, x) in enumerate(zip(names, s))} for s in samples]

@@ -1,0 +1,238 @@
+"""What is exported: the model with its static input shapes, preprocessing, labels and outputs.
+
+Everything a converter, a verifier or an app needs to know about the model is resolved here once,
+and the input size is checked by running the model before any converter starts.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..layers.export_mode import ExportAware, export_mode
+from .errors import ExportError, InputSizeError
+
+
+class ForwardExport(nn.Module):
+    """Exports ``model.forward_export`` (e.g. a detector's raw scores and boxes) when defined."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.model.forward_export(*args)
+
+
+class ImageInput(nn.Module):
+    """Takes an image in [0, 1] and applies the model's mean/std (exact, one op more than the
+    model): CoreML's ImageType has ONE scale, so a per-channel std cannot be folded into it."""
+
+    def __init__(self, module: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.module((x - self.mean) / self.std)
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    model: nn.Module              # the user's model, eval mode
+    module: nn.Module             # what is converted (model, or its forward_export)
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    output_shapes: list[tuple[int, ...]]
+    input_size: tuple[int, ...]   # (C, H, W) of the image input, or the model's input_size
+    batch_size: int
+    image_input: bool             # first input is an image with known mean/std
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classifier: bool              # one (B, K) output of class logits
+    num_classes: int | None
+    labels: list[str] | None
+    license: str
+    cfg: dict[str, Any] = field(default_factory=dict)
+    export_aware: list[str] = field(default_factory=list)
+    #: converter intermediates shared by the precisions of one export (fp32 flatbuffer, ...)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def stem(self) -> str:
+        return re.sub(r"[^\w.\-]+", "_", self.name).strip("_") or "model"
+
+    @property
+    def camera_input(self) -> bool:
+        """One batch-1 image input: a file can take a camera frame directly."""
+        return self.image_input and len(self.example_inputs) == 1 and self.batch_size == 1
+
+    @property
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(x.shape) for x in self.example_inputs]
+
+    def class_labels(self) -> list[str]:
+        """The labels an app shows; class indices as text when the model has none."""
+        if self.labels:
+            return list(self.labels)
+        return [str(i) for i in range(self.num_classes or 0)]
+
+    @torch.no_grad()
+    def reference(self, samples: Sequence[tuple[torch.Tensor, ...]], export_form: bool = True,
+                  chunk: int = 16) -> list[np.ndarray]:
+        """PyTorch outputs for batch-1 samples, stacked per output: ``[(N, ...), ...]``.
+
+        ``export_form`` selects the ExportAware layers' exportable form (what was converted);
+        False runs the model exactly as in training/eval code.
+        """
+        outs: list[list[np.ndarray]] = [[] for _ in self.output_names]
+        with export_mode(self.model, enabled=export_form):
+            try:
+                batches = [self.module(*(torch.cat([s[k] for s in samples[i:i + chunk]])
+                                         for k in range(len(samples[0]))))
+                           for i in range(0, len(samples), chunk)]
+            except Exception:  # noqa: BLE001 - a layer tied to the exported batch: one at a time
+                batches = [self.module(*s) for s in samples]
+        for out in batches:
+            for k, y in enumerate(flatten_outputs(out)):
+                outs[k].append(y.detach().float().numpy())
+        return [np.concatenate(o) for o in outs]
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flatten_outputs(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in flatten_outputs(v)]
+    raise ExportError(f"the model returns {type(out).__name__}; an exported model must return "
+                         "tensors (or tuples/dicts of tensors)")
+
+
+def _output_names(out: Any, classifier: bool) -> list[str]:
+    if classifier:
+        return ["logits"]
+    if isinstance(out, dict):
+        return [re.sub(r"\W+", "_", str(k)) for k in out]
+    return [f"output_{i}" for i in range(len(flatten_outputs(out)))]
+
+
+def _cfg_dict(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if not isinstance(cfg, dict):
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    return dict(cfg)
+
+
+def _normalize_input_size(input_size: Any, cfg_size: Sequence[int] | None) -> tuple[int, int, int]:
+    """int -> (C, s, s); (H, W) -> (C, H, W); (C, H, W) as is; C from the model's config."""
+    chans = int(cfg_size[0]) if cfg_size else 3
+    if input_size is None:
+        if not cfg_size:
+            raise InputSizeError("this model has no pretrained_cfg['input_size']: pass "
+                                 "input_size=(C, H, W), e.g. input_size=(3, 224, 224)")
+        size = tuple(cfg_size)
+    elif isinstance(input_size, (int, np.integer)):
+        size = (chans, int(input_size), int(input_size))
+    else:
+        size = tuple(input_size)
+        if len(size) == 2:
+            size = (chans, *size)
+    if len(size) != 3 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in size):
+        raise InputSizeError(f"input size {input_size!r} is not valid: give an int (square side), "
+                             "(H, W) or (C, H, W) of positive integers, e.g. 224 or (3, 224, 224)")
+    return tuple(int(v) for v in size)  # type: ignore[return-value]
+
+
+def _first_conv_in_chans(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = None,
+                 batch_size: int = 1) -> ModelSpec:
+    """Resolve shapes, preprocessing and labels, and check the input size by running the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module or a registered model name, got {type(model).__name__}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputSizeError(f"batch_size must be a positive int, got {batch_size!r}")
+    model.eval()
+    cfg = _cfg_dict(model)
+    size = _normalize_input_size(input_size, cfg.get("input_size"))
+    first_conv = _first_conv_in_chans(model)
+    has_custom_inputs = hasattr(model, "example_inputs")
+    if not has_custom_inputs and first_conv is not None and first_conv != size[0]:
+        raise InputSizeError(f"input size {size} has {size[0]} channels but the model's first conv "
+                             f"takes {first_conv}; use input_size=({first_conv}, {size[1]}, {size[2]})")
+    if size[1] < 8 or size[2] < 8:
+        raise InputSizeError(f"input size {size} is too small to export (minimum 8x8)")
+
+    if has_custom_inputs:
+        inputs = tuple(model.example_inputs(batch_size=batch_size, input_size=size))
+    else:
+        inputs = (torch.rand(batch_size, *size),)
+    inputs = tuple(x.contiguous() for x in inputs)  # torch.export needs contiguous examples
+    module = ForwardExport(model) if hasattr(model, "forward_export") else model
+    try:
+        with torch.no_grad(), export_mode(model):
+            out = module(*inputs)
+    except Exception as e:  # noqa: BLE001 - any failure here means the size does not fit
+        default = cfg.get("input_size")
+        hint = (f"; this model's default input size is {tuple(default)}" if default else "")
+        raise InputSizeError(
+            f"the model cannot run at input size {size} ({type(e).__name__}: {str(e)[:200]}){hint}. "
+            "Models with fixed-size parts (position embeddings, precomputed DFT matrices) export "
+            "only at the size they were built for: rebuild the model for the new size or pass "
+            "its default input_size.") from e
+    outs = flatten_outputs(out)
+
+    image_input = (inputs[0].dim() == 4 and tuple(inputs[0].shape[1:]) == size
+                   and inputs[0].is_floating_point())
+    mean = tuple(float(v) for v in cfg.get("mean") or ())
+    std = tuple(float(v) for v in cfg.get("std") or ())
+    if image_input:
+        mean = _per_channel(mean or (0.0,), size[0])
+        std = _per_channel(std or (1.0,), size[0])
+    num_classes = getattr(model, "num_classes", None) or cfg.get("num_classes")
+    classifier = (len(outs) == 1 and outs[0].dim() == 2 and outs[0].shape[1] > 1
+                  and (not isinstance(num_classes, int) or outs[0].shape[1] == num_classes))
+    if classifier:
+        num_classes = int(outs[0].shape[1])
+    labels = getattr(model, "labels", None) or cfg.get("label_names")
+    if labels is not None and (not classifier or len(labels) != num_classes):
+        labels = None
+    return ModelSpec(
+        name=name or getattr(model, "vizoo_name", None) or cfg.get("architecture")
+        or type(model).__name__,
+        model=model, module=module, example_inputs=inputs,
+        input_names=(["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]),
+        output_names=_output_names(out, classifier),
+        output_shapes=[tuple(o.shape) for o in outs],
+        input_size=size, batch_size=batch_size, image_input=image_input, mean=mean, std=std,
+        classifier=classifier, num_classes=num_classes if classifier else None,
+        labels=[str(v) for v in labels] if labels is not None else None,
+        license=str(cfg.get("license") or "unknown"),
+        cfg={k: cfg[k] for k in ("architecture", "tag", "input_size", "mean", "std", "interpolation",
+                                 "crop_pct", "num_classes", "paper", "paper_url") if k in cfg},
+        export_aware=[n or "<root>" for n, m in model.named_modules() if isinstance(m, ExportAware)],
+    )
+
+
+def _per_channel(values: tuple[float, ...], chans: int) -> tuple[float, ...]:
+    if len(values) == chans:
+        return values
+    if len(values) == 1:
+        return values * chans
+    if chans == 1:  # a grayscale model with an RGB config: use the first channel's statistics
+        return values[:1]
+    raise InputSizeError(f"mean/std have {len(values)} values but the input has {chans} channels")

@@ -1,0 +1,276 @@
+"""TFLite: torch.export -> litert-torch -> .tflite, run by ai-edge-litert.
+
+The image input is NHWC by default (what Android camera pipelines hand over; NCHW on request).
+fp16 and int8 files are made from the fp32 flatbuffer by ai-edge-quantizer. Labels, the input's
+normalisation and quantization parameters are embedded as flatbuffer metadata named ``vizoo``
+and written beside the file as ``<file>.json`` for apps.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..layers.export_mode import export_mode
+from . import quantize
+from .errors import ConversionError, MissingDependencyError, diagnose
+from .spec import ModelSpec
+from .verify import RunFunction
+
+METADATA_NAME = "vizoo"
+SIGNATURE = "serving_default"
+
+
+def interpreter_class() -> tuple[type, str]:
+    """ai-edge-litert's Interpreter, or tflite_runtime's for users who have only that."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "ai-edge-litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
+
+        return Interpreter, "tflite_runtime"
+    except ImportError:
+        raise MissingDependencyError("running .tflite files needs ai-edge-litert: install "
+                                     "vizoo[export] (pip install 'vizoo[export]')") from None
+
+
+def _to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, *range(2, x.dim()), 1).contiguous()
+
+
+def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any],
+            calibration_data: Any = None) -> dict[str, Any]:
+    """Write ``path`` (a .tflite); return what the report and the sidecar need."""
+    import litert_torch
+
+    litert_torch.config.show_progress = False
+    nhwc = options["layout"] == "nhwc" and spec.image_input
+    module, args = spec.module, spec.example_inputs
+    if nhwc:
+        module = litert_torch.to_channel_last_io(module, args=[0])
+        args = (_to_nhwc(args[0]), *args[1:])
+    with export_mode(spec.model):
+        key = ("tflite_fp32", nhwc)
+        if key not in spec.cache:  # every precision starts from the same fp32 flatbuffer
+            try:
+                spec.cache[key] = bytes(litert_torch.convert(module.eval(), args).model_content())
+            except Exception as e:  # noqa: BLE001 - every converter failure gets explained
+                raise diagnose(e, "tflite", spec.module, spec.example_inputs) from e
+        data = spec.cache[key]
+        quant: dict[str, Any] = {}
+        if precision == "fp16":
+            data = quantize.tflite_fp16(data)
+            quant = {"method": "ai-edge-quantizer FLOAT_CASTING: fp16 weights, fp32 compute"}
+        elif precision == "int8" and options["int8_mode"] == "dynamic":
+            data = quantize.tflite_int8_dynamic(data)
+            quant = {"method": "ai-edge-quantizer dynamic_wi8_afp32: int8 weights, activations "
+                               "quantized at run time"}
+        elif precision == "int8":
+            samples = quantize.calibration_samples(spec, calibration_data)
+            names = _signature_inputs(data)
+            calib = quantize.as_signature_inputs(
+                samples, names, lambda i, x: (_to_nhwc(x) if nhwc and i == 0 else x).numpy())
+            data = quantize.tflite_int8_full(data, calib)
+            quant = {"method": "ai-edge-quantizer static_wi8_ai8: int8 weights and activations, "
+                               "int8 I/O", "calibration_samples": len(samples),
+                     "calibration_data": "bundled photographs" if calibration_data is None
+                     else "user data"}
+        _check_loads(data, spec)
+    io = _io_details(data)
+    meta = sidecar(spec, precision, io, nhwc, quant)
+    data = embed_metadata(data, meta)
+    path.write_bytes(data)
+    return {"input_layout": "NHWC" if nhwc else "NCHW", "io": io, "quantization": quant,
+            "sidecar": meta}
+
+
+def _check_loads(data: bytes, spec: ModelSpec) -> None:
+    """A file the runtime cannot load is a failed conversion (e.g. STABLEHLO_SORT)."""
+    Interpreter, _ = interpreter_class()
+    try:
+        it = Interpreter(model_content=data)
+        it.allocate_tensors()
+    except Exception as e:  # noqa: BLE001
+        err = diagnose(e, "tflite", spec.module, spec.example_inputs)
+        raise ConversionError("tflite", err.op, err.module_path, err.module_type, err.fix,
+                              "the file converts but the TFLite runtime cannot load it: "
+                              + err.detail) from e
+
+
+def _signature_inputs(data: bytes) -> list[str]:
+    Interpreter, _ = interpreter_class()
+    it = Interpreter(model_content=data)
+    return list(it.get_signature_list()[SIGNATURE]["inputs"])
+
+
+def _io_details(data: bytes) -> dict[str, list[dict[str, Any]]]:
+    Interpreter, _ = interpreter_class()
+    runner = Interpreter(model_content=data).get_signature_runner(SIGNATURE)
+
+    def describe(details: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for name, d in details.items():
+            scale, zero = d["quantization"]
+            out.append({"name": name, "shape": [int(v) for v in d["shape"]],
+                        "dtype": np.dtype(d["dtype"]).name,
+                        **({"scale": float(scale), "zero_point": int(zero)} if scale else {})})
+        return out
+
+    return {"inputs": describe(runner.get_input_details()),
+            "outputs": describe(runner.get_output_details())}
+
+
+def sidecar(spec: ModelSpec, precision: str, io: dict[str, Any], nhwc: bool,
+            quant: dict[str, Any]) -> dict[str, Any]:
+    """What an app needs to feed the file and read its answer."""
+    from .. import __version__
+
+    meta: dict[str, Any] = {
+        "format": "vizoo-tflite-1", "model": spec.name, "vizoo_version": __version__,
+        "license": spec.license, "precision": precision,
+        "input_layout": "NHWC" if nhwc else "NCHW", "inputs": io["inputs"], "outputs": io["outputs"],
+        "output_names": spec.output_names,
+    }
+    if spec.image_input:
+        meta["preprocessing"] = {
+            "pixels": "RGB" if spec.input_size[0] == 3 else f"{spec.input_size[0]} channel(s)",
+            "formula": "x = (pixel / 255 - mean) / std, per channel"
+                       + ("; then q = round(x / scale) + zero_point for int8 inputs"
+                          if any("scale" in d for d in io["inputs"]) else ""),
+            "mean": list(spec.mean), "std": list(spec.std),
+            "resize": {"interpolation": spec.cfg.get("interpolation", "bilinear"),
+                       "crop_pct": spec.cfg.get("crop_pct", 1.0)},
+        }
+    if spec.classifier:
+        meta["labels"] = spec.class_labels()
+        meta["postprocessing"] = "logits: softmax for probabilities, argmax for the class"
+    if quant:
+        meta["quantization"] = quant
+    return meta
+
+
+def embed_metadata(data: bytes, meta: dict[str, Any]) -> bytes:
+    """Store ``meta`` as JSON in the flatbuffer's metadata table (name ``vizoo``)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    model.buffers.append(buf)
+    entry = schema.MetadataT()
+    entry.name = METADATA_NAME
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if _name(m) != METADATA_NAME] + [entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``vizoo`` metadata of a .tflite (empty dict if it has none)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(Path(path).read_bytes()))
+    for m in model.metadata or []:
+        if _name(m) == METADATA_NAME:
+            return json.loads(bytes(model.buffers[m.buffer].data).decode())
+    return {}
+
+
+def _name(entry: Any) -> str:
+    return entry.name.decode() if isinstance(entry.name, bytes) else str(entry.name)
+
+
+class TFLiteRunner:
+    """Runs a .tflite like an app would: NCHW float inputs in, float outputs back.
+
+    Takes care of the NHWC layout and of int8 inputs/outputs (scale and zero point).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int = 2, layout: str | None = None):
+        Interpreter, self.runtime = interpreter_class()
+        self.path = Path(path)
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.signature = self.interpreter.get_signature_runner(SIGNATURE)
+        self.inputs = self.signature.get_input_details()
+        self.outputs = self.signature.get_output_details()
+        if layout is None:
+            meta = _read_sidecar_or_metadata(self.path)
+            layout = meta.get("input_layout", "NCHW")
+        self.nhwc = layout.upper() == "NHWC"
+
+    def __call__(self, *inputs: torch.Tensor | np.ndarray) -> list[np.ndarray]:
+        feed = {}
+        for i, (name, d) in enumerate(self.inputs.items()):
+            x = np.asarray(inputs[i], dtype=np.float32)
+            if self.nhwc and i == 0 and x.ndim >= 3:
+                x = np.moveaxis(x, 1, -1)
+            scale, zero = d["quantization"]
+            if scale:
+                info = np.iinfo(d["dtype"])
+                x = np.clip(np.round(x / scale) + zero, info.min, info.max)
+            feed[name] = np.ascontiguousarray(x.astype(d["dtype"]))
+        out = self.signature(**feed)
+        results = []
+        for name in sorted(out, key=_output_order):
+            y = out[name]
+            scale, zero = self.outputs[name]["quantization"]
+            results.append((y.astype(np.float32) - zero) * scale if scale else y.astype(np.float32))
+        return results
+
+    def function(self) -> RunFunction:
+        return RunFunction(SIGNATURE, "tensor", lambda sample: self(*sample))
+
+
+
+def timed_invoke(path: str | os.PathLike, threads: int = 2) -> tuple[Callable[[], None], int]:
+    """A zero-argument call that only runs the graph (inputs set once), and the file's batch.
+
+    Its own interpreter: a signature runner holds references that forbid raw ``invoke``.
+    """
+    Interpreter, _ = interpreter_class()
+    it = Interpreter(model_path=str(path), num_threads=threads)
+    it.allocate_tensors()
+    details = it.get_input_details()
+    for d in details:
+        if np.issubdtype(d["dtype"], np.integer):
+            x = np.zeros(d["shape"], d["dtype"])
+        else:
+            x = np.random.default_rng(0).standard_normal(d["shape"]).astype(d["dtype"])
+        it.set_tensor(d["index"], x)
+    return it.invoke, int(details[0]["shape"][0])
+
+
+def _output_order(name: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in name.rsplit("_", 1)[-1] if ch.isdigit())
+    return (int(digits) if digits else 0, name)
+
+
+def _read_sidecar_or_metadata(path: Path) -> dict[str, Any]:
+    side = path.with_name(path.name + ".json")
+    if side.is_file():
+        try:
+            return json.loads(side.read_text())
+        except json.JSONDecodeError:
+            pass
+    try:
+        return read_metadata(path)
+    except Exception:  # noqa: BLE001 - a file without readable metadata: assume NCHW
+        return {}
+
+
+def open_runner(path: str | os.PathLike, spec: ModelSpec | None = None, threads: int = 2) -> list[RunFunction]:
+    return [TFLiteRunner(path, threads=threads).function()]
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")

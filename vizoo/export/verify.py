@@ -1,0 +1,267 @@
+"""Parity: does the exported file compute what the PyTorch model computes, on real images?
+
+The file is run by its own runtime (ai-edge-litert for TFLite; the MIL executor or Core ML for
+CoreML) on bundled photographs, and compared with the PyTorch model run in export form (what was
+converted) and in its normal eager form. Bounds depend on the precision. When a file is off, the
+verifier tries the usual suspects (normalisation, layout, channel order, fp16 rounding, the
+export form of a layer) and names the one that explains the numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.bundled import normalize, photo_images
+from .spec import ModelSpec
+
+class Unverifiable(Exception):
+    """The file could not be run here (an op the reference executor lacks, no runtime
+    installed); the report says "unverified" with this reason, never a silent pass."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Parity a file of a given precision must reach on the parity images."""
+
+    rel_max_abs: float | None  # max |file - torch| / (max - min of torch outputs)
+    cosine_min: float          # worst per-image cosine similarity
+    top1_min: float | None     # fraction of images with the same arg-max class (classifiers)
+
+    def failures(self, p: "Parity") -> list[str]:
+        out = []
+        if self.rel_max_abs is not None and not p.rel_max_abs_diff <= self.rel_max_abs:
+            out.append(f"max abs diff {p.max_abs_diff:.3g} is {p.rel_max_abs_diff:.3g} of the output "
+                       f"range (bound {self.rel_max_abs:g})")
+        if not p.cosine_min >= self.cosine_min:
+            out.append(f"worst cosine similarity {p.cosine_min:.6f} (bound {self.cosine_min:g})")
+        if self.top1_min is not None and p.top1_agreement is not None and not p.top1_agreement >= self.top1_min:
+            out.append(f"top-1 agreement {p.top1_agreement:.1%} (bound {self.top1_min:.0%})")
+        return out
+
+
+#: Bounds per precision. fp32: the issue's bound. fp16: weights (TFLite) or weights and
+#: activations (CoreML) rounded to half precision. int8: full-integer files are compared by
+#: cosine and top-1, never allclose; CoreML weight compression (8- or 4-bit) is judged by these
+#: too (measured in benchmarks/export_matrix.py; see README).
+BOUNDS: dict[str, Bounds] = {
+    "fp32": Bounds(rel_max_abs=1e-4, cosine_min=0.99999, top1_min=1.0),
+    "fp16": Bounds(rel_max_abs=1e-2, cosine_min=0.999, top1_min=0.95),
+    "int8": Bounds(rel_max_abs=None, cosine_min=0.95, top1_min=0.75),
+}
+
+
+@dataclass
+class Parity:
+    n_samples: int
+    max_abs_diff: float
+    output_range: float
+    rel_max_abs_diff: float
+    mean_abs_diff: float
+    cosine_min: float
+    cosine_mean: float
+    top1_agreement: float | None = None
+    per_output: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v != [] and v is not None}
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-30)
+    return np.where(both_zero, 1.0, cos)
+
+
+def parity(reference: Sequence[np.ndarray], exported: Sequence[np.ndarray], classifier: bool) -> Parity:
+    """Compare stacked outputs (one array per output, first axis = image)."""
+    if len(reference) != len(exported):
+        raise ValueError(f"the file has {len(exported)} outputs, the model {len(reference)}")
+    per = []
+    for ref, got in zip(reference, exported):
+        ref = np.asarray(ref, dtype=np.float64)
+        got = np.asarray(got, dtype=np.float64).reshape(ref.shape)
+        diff = np.abs(ref - got)
+        rng = float(ref.max() - ref.min()) if ref.size else 0.0
+        max_abs = float(diff.max()) if diff.size else 0.0
+        cos = _cosine_rows(ref, got)
+        item = {"max_abs_diff": max_abs, "output_range": rng,
+                "rel_max_abs_diff": max_abs / rng if rng > 0 else (0.0 if max_abs == 0 else np.inf),
+                "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+                "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+        if not np.isfinite(got).all():
+            item.update(max_abs_diff=np.inf, rel_max_abs_diff=np.inf, cosine_min=-1.0, cosine_mean=-1.0)
+        per.append(item)
+    worst = {
+        "max_abs_diff": max(p["max_abs_diff"] for p in per),
+        "output_range": min(p["output_range"] for p in per),
+        "rel_max_abs_diff": max(p["rel_max_abs_diff"] for p in per),
+        "mean_abs_diff": max(p["mean_abs_diff"] for p in per),
+        "cosine_min": min(p["cosine_min"] for p in per),
+        "cosine_mean": min(p["cosine_mean"] for p in per),
+    }
+    top1 = None
+    if classifier:
+        ref, got = np.asarray(reference[0]), np.asarray(exported[0]).reshape(np.shape(reference[0]))
+        top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
+    return Parity(n_samples=len(reference[0]), top1_agreement=top1,
+                  per_output=per if len(per) > 1 else [], **worst)
+
+
+# --- real inputs ------------------------------------------------------------------------------
+@dataclass
+class ParityInputs:
+    """Normalised tensor samples, and the same images in [0, 1] for image-input functions."""
+
+    samples: list[tuple[torch.Tensor, ...]]
+    images01: list[torch.Tensor] | None
+    source: str
+
+
+def parity_inputs(spec: ModelSpec, n: int = 64, seed: int = 0) -> ParityInputs:
+    """``n`` real bundled photographs at the model's input size (whole photos, then crops).
+
+    Pixels are rounded to 8 bits first, so a camera-image function (uint8 pixels) and a tensor
+    function see the very same picture.
+    """
+    n = max(1, int(n))
+    if not spec.image_input:
+        return _custom_inputs(spec, n, seed)
+    b = spec.batch_size
+    c, h, w = spec.input_size
+    x01 = photo_images(n * b, (h, w), c, seed=seed)
+    x01 = torch.round(x01 * 255) / 255
+    extra = spec.example_inputs[1:]
+    samples, images = [], []
+    for i in range(n):
+        img = x01[i * b:(i + 1) * b].contiguous()
+        images.append(img)
+        samples.append((normalize(img, spec.mean, spec.std).contiguous(), *extra))
+    return ParityInputs(samples, images if len(spec.example_inputs) == 1 else None,
+                        f"{n * b} bundled photographs (scikit-image), seed {seed}")
+
+
+def _custom_inputs(spec: ModelSpec, n: int, seed: int) -> ParityInputs:
+    """Models with their own ``example_inputs`` (no image input): seeded draws of those."""
+    n = min(n, 16)
+    samples = []
+    for i in range(n):
+        torch.manual_seed(seed + i)
+        inputs = spec.model.example_inputs(batch_size=spec.batch_size, input_size=spec.input_size)
+        samples.append(tuple(x.contiguous() for x in inputs))
+    return ParityInputs(samples, None, f"{n} draws of the model's example_inputs, seeds {seed}..")
+
+
+# --- running and judging a file ----------------------------------------------------------------
+@dataclass
+class RunFunction:
+    """One callable entry point of an exported file (a TFLite signature, a CoreML function)."""
+
+    name: str
+    kind: str                                   # "tensor" (normalised input) or "image" ([0, 1])
+    run: Callable[[tuple[torch.Tensor, ...]], list[np.ndarray]]
+
+
+def run_all(fn: RunFunction, inputs: Sequence[tuple[torch.Tensor, ...]], desc: str = "") -> list[np.ndarray]:
+    outs: list[list[np.ndarray]] = []
+    for sample in tqdm(inputs, desc=desc or f"verify {fn.name}", leave=False, disable=len(inputs) < 8):
+        got = fn.run(sample)
+        if not outs:
+            outs = [[] for _ in got]
+        for k, y in enumerate(got):
+            outs[k].append(np.asarray(y, dtype=np.float32))
+    return [np.concatenate([o.reshape(1, *o.shape) if o.ndim == 0 else o for o in out]) for out in outs]
+
+
+def _fn_inputs(fn: RunFunction, pin: ParityInputs) -> list[tuple[torch.Tensor, ...]]:
+    if fn.kind == "image":
+        if pin.images01 is None:
+            raise Unverifiable("image function but no image inputs")
+        return [(x,) for x in pin.images01]
+    return pin.samples
+
+
+def verify_functions(functions: Sequence[RunFunction], spec: ModelSpec, precision: str,
+                     pin: ParityInputs, ref: list[np.ndarray], ref_eager: list[np.ndarray] | None,
+                     image_samples: int = 16) -> dict[str, Any]:
+    """Parity of every function of a file; status ok / failed (with the likely cause)."""
+    bounds = BOUNDS[precision]
+    result: dict[str, Any] = {"status": "ok", "reason": "", "bounds": dataclasses.asdict(bounds),
+                              "inputs": pin.source, "functions": {}}
+    problems = []
+    for fn in functions:
+        inputs = _fn_inputs(fn, pin)
+        n = len(inputs) if fn.kind == "tensor" else min(len(inputs), image_samples)
+        got = run_all(fn, inputs[:n])
+        p = parity([r[:n] for r in ref], got, spec.classifier)
+        entry: dict[str, Any] = {"input": fn.kind, "parity": p.to_dict()}
+        fails = bounds.failures(p)
+        if ref_eager is not None:
+            pe = parity([r[:n] for r in ref_eager], got, spec.classifier)
+            entry["parity_eager"] = pe.to_dict()
+            eager_fails = bounds.failures(pe)
+            if eager_fails and not fails:
+                fails = [f"against the eager (non-export-mode) model: {f}" for f in eager_fails]
+        if fails:
+            cause = likely_cause(fn, spec, precision, pin, ref, ref_eager, got)
+            entry["cause"] = cause
+            problems.append(f"{fn.name}: " + "; ".join(fails) + f". Likely cause: {cause}")
+        result["functions"][fn.name] = entry
+    if problems:
+        result.update(status="failed", reason="parity out of bounds: " + " | ".join(problems))
+    return result
+
+
+def likely_cause(fn: RunFunction, spec: ModelSpec, precision: str, pin: ParityInputs,
+                 ref: list[np.ndarray], ref_eager: list[np.ndarray] | None,
+                 got: list[np.ndarray], k: int = 4) -> str:
+    """Name the most likely reason a file is off, by testing the usual suspects."""
+    n = min(k, len(got[0]))
+    base = parity([r[:n] for r in ref], [g[:n] for g in got], spec.classifier)
+    if ref_eager is not None:
+        pe = parity([r[:n] for r in ref_eager], [r[:n] for r in ref], spec.classifier)
+        if pe.rel_max_abs_diff > BOUNDS["fp32"].rel_max_abs * 10:
+            return (f"the export form of the ExportAware layers ({', '.join(spec.export_aware) or '?'}) "
+                    f"differs from their eager form (rel. diff {pe.rel_max_abs_diff:.2g}); fix the "
+                    "layer's `exporting` branch")
+    if spec.image_input and fn.kind == "tensor":
+        c, h, w = spec.input_size
+        suspects: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        if h == w:
+            suspects["layout: the file reads height and width swapped (NHWC/NCHW mix-up)"] = \
+                lambda x: x.transpose(-1, -2).contiguous()
+        if c == 3:
+            suspects["channel order: the file expects BGR where the model takes RGB"] = \
+                lambda x: x.flip(1).contiguous()
+        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std).view(1, -1, 1, 1)
+        suspects["normalisation: the file applies mean/std itself and expects [0, 1] pixels"] = \
+            lambda x: x * std + mean
+        suspects["normalisation: the file expects 0-255 pixels"] = lambda x: (x * std + mean) * 255
+        for label, transform in suspects.items():  # the cause is the change that makes it pass
+            try:
+                alt = run_all(fn, [(transform(s[0]), *s[1:]) for s in pin.samples[:n]])
+            except Exception:  # noqa: BLE001 - a suspect that does not even run is not the cause
+                continue
+            p = parity([r[:n] for r in ref], alt, spec.classifier)
+            if not BOUNDS[precision].failures(p) and p.rel_max_abs_diff < 0.1 * base.rel_max_abs_diff:
+                return label
+    cos = base.cosine_min
+    if precision == "fp32" and cos >= 0.99:
+        return ("a uniform small error of half-precision size: some layer computes or stores "
+                "weights in fp16; export with fp32 compute")
+    if precision == "fp16" and cos >= 0.9:
+        return ("fp16 rounding (values beyond fp16 range or accumulated error): export this "
+                "model at fp32, or keep its sensitive layers in fp32")
+    if precision == "int8" and cos >= 0.5:
+        return ("int8 quantization error: calibrate on more representative images (your own "
+                "data), use dynamic-range int8, or fp16")
+    return ("the file's weights or an op's semantics differ from PyTorch (a corrupted file, or an op "
+            "converted with other semantics); compare intermediate outputs layer by layer")
