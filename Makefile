@@ -25,7 +25,10 @@ test: env
 
 ## README tables (slow; not part of the tests).
 bench: env
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/engine_overhead.py
+	$(PY) benchmarks/latency_compact.py
+	$(PY) benchmarks/evit_throughput.py
+	$(PY) benchmarks/export_matrix.py
 
 clean:
 	rm -rf runs .pytest_cache

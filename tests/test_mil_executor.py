@@ -826,7 +826,8 @@ def test_ios18_lut_blocks_vectors_and_slice_update(tmp_path):
         return (
             mb.add(x=x, y=mb.constexpr_lut_to_dense(indices=idx_groups, lut=lut_groups)),
             mb.add(x=y, y=mb.constexpr_lut_to_dense(indices=idx_vector, lut=lut_vector, vector_axis=1)),
-            mb.slice_update(x=y, update=mb.reshape(x=update, shape=[2, 2, 2]), begin=[0, 1, 0], end=[2, 3, 2]),
+            mb.slice_update(x=y, update=mb.reshape(x=update, shape=[2, 2, 2]),
+                            begin=[0, 1, 0], end=[2, 3, 2]),
         )
 
     path = tmp_path / "ios18.mlpackage"

@@ -139,8 +139,10 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_metric: float | None = None
         self.partial = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0, "cpu_seconds": 0.0}
+        self.last_saved_update: int | None = None
         if self.resume_from is not None:
             self._load_state(self.resume_from)
+            self.last_saved_update = self.updates
         else:
             seed_everything(cfg.seed + env.rank)  # per-process streams for dropout / mixup
             if env.is_main:
@@ -285,7 +287,6 @@ class Trainer:
         if self.env is None:
             self.setup()
         cfg, env = self.cfg, self.env
-        self.last_saved_update = self.updates if self.resume_from is not None else None
         while self.epoch < cfg.epochs:
             train_stats = self._train_one_epoch()
             t_eval = time.perf_counter()

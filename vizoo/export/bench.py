@@ -33,6 +33,12 @@ class Latency:
     warmup: int
     threads: int
     batch: int
+    #: the machine's 1-minute load average when timed (shared machines: read times with it)
+    load_avg: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.load_avg is None and hasattr(os, "getloadavg"):
+            self.load_avg = round(os.getloadavg()[0], 2)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}

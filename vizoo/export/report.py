@@ -89,9 +89,12 @@ class ExportReport:
 
 
 def converter_versions() -> dict[str, str]:
+    """Versions of torch, timm and every converter/runtime the formats table names."""
+    from .formats import FORMATS
+
     out = {}
-    for dist in ("torch", "timm", "coremltools", "litert-torch", "ai-edge-litert", "ai-edge-quantizer",
-                 "tflite-runtime"):
+    dists = ["torch", "timm"] + [d for f in FORMATS.values() for d in f.versions_of] + ["tflite-runtime"]
+    for dist in dists:
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -169,11 +169,7 @@ def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = No
     model.eval()
     cfg = _cfg_dict(model)
     size = _normalize_input_size(input_size, cfg.get("input_size"))
-    first_conv = _first_conv_in_chans(model)
     has_custom_inputs = hasattr(model, "example_inputs")
-    if not has_custom_inputs and first_conv is not None and first_conv != size[0]:
-        raise InputSizeError(f"input size {size} has {size[0]} channels but the model's first conv "
-                             f"takes {first_conv}; use input_size=({first_conv}, {size[1]}, {size[2]})")
     if size[1] < 8 or size[2] < 8:
         raise InputSizeError(f"input size {size} is too small to export (minimum 8x8)")
 
@@ -187,6 +183,11 @@ def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = No
         with torch.no_grad(), export_mode(model):
             out = module(*inputs)
     except Exception as e:  # noqa: BLE001 - any failure here means the size does not fit
+        first_conv = _first_conv_in_chans(model)
+        if not has_custom_inputs and first_conv is not None and first_conv != size[0]:
+            raise InputSizeError(
+                f"input size {size} has {size[0]} channels but the model's first conv takes "
+                f"{first_conv}; use input_size=({first_conv}, {size[1]}, {size[2]})") from e
         default = cfg.get("input_size")
         hint = (f"; this model's default input size is {tuple(default)}" if default else "")
         raise InputSizeError(

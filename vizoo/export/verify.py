@@ -200,11 +200,12 @@ def verify_functions(functions: Sequence[RunFunction], spec: ModelSpec, precisio
         inputs = _fn_inputs(fn, pin)
         n = len(inputs) if fn.kind == "tensor" else min(len(inputs), image_samples)
         got = run_all(fn, inputs[:n])
-        p = parity([r[:n] for r in ref], got, spec.classifier)
+        rows = n * spec.batch_size  # reference rows are images; a sample holds batch_size of them
+        p = parity([r[:rows] for r in ref], got, spec.classifier)
         entry: dict[str, Any] = {"input": fn.kind, "parity": p.to_dict()}
         fails = bounds.failures(p)
         if ref_eager is not None:
-            pe = parity([r[:n] for r in ref_eager], got, spec.classifier)
+            pe = parity([r[:rows] for r in ref_eager], got, spec.classifier)
             entry["parity_eager"] = pe.to_dict()
             eager_fails = bounds.failures(pe)
             if eager_fails and not fails:
@@ -223,10 +224,11 @@ def likely_cause(fn: RunFunction, spec: ModelSpec, precision: str, pin: ParityIn
                  ref: list[np.ndarray], ref_eager: list[np.ndarray] | None,
                  got: list[np.ndarray], k: int = 4) -> str:
     """Name the most likely reason a file is off, by testing the usual suspects."""
-    n = min(k, len(got[0]))
-    base = parity([r[:n] for r in ref], [g[:n] for g in got], spec.classifier)
+    n = min(k, len(got[0]) // spec.batch_size)
+    rows = n * spec.batch_size
+    base = parity([r[:rows] for r in ref], [g[:rows] for g in got], spec.classifier)
     if ref_eager is not None:
-        pe = parity([r[:n] for r in ref_eager], [r[:n] for r in ref], spec.classifier)
+        pe = parity([r[:rows] for r in ref_eager], [r[:rows] for r in ref], spec.classifier)
         if pe.rel_max_abs_diff > BOUNDS["fp32"].rel_max_abs * 10:
             return (f"the export form of the ExportAware layers ({', '.join(spec.export_aware) or '?'}) "
                     f"differs from their eager form (rel. diff {pe.rel_max_abs_diff:.2g}); fix the "
@@ -250,7 +252,7 @@ def likely_cause(fn: RunFunction, spec: ModelSpec, precision: str, pin: ParityIn
                 alt = run_all(fn, [(transform(s[0]), *s[1:]) for s in pin.samples[:n]])
             except Exception:  # noqa: BLE001 - a suspect that does not even run is not the cause
                 continue
-            p = parity([r[:n] for r in ref], alt, spec.classifier)
+            p = parity([r[:rows] for r in ref], alt, spec.classifier)
             if not BOUNDS[precision].failures(p) and p.rel_max_abs_diff < 0.1 * base.rel_max_abs_diff:
                 return label
     cos = base.cosine_min

@@ -296,7 +296,7 @@ def convert_official_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, 
 
 # --- builders -----------------------------------------------------------------------------------
 
-def _create_evit(variant: str, **kwargs) -> EViT:
+def _create_evit(**kwargs) -> EViT:
     kwargs.setdefault("drop_loc", DEFAULT_DROP_LOC)
     return EViT(**kwargs)
 
@@ -314,8 +314,9 @@ _DEIT_WEIGHTS = {
 }
 _EVIT_DRIVE = "https://github.com/youweiliang/evit#model-zoo"
 _WEIGHTS_NOTE = (
-    "pretrained=True loads the DeiT ImageNet-1k weights EViT is fine-tuned from (configs/evit/"
-    "finetune_deit_small.yaml; EViT adds no parameters). Official EViT-DeiT-S checkpoints are on "
+    "pretrained=True loads the DeiT ImageNet-1k weights EViT is fine-tuned from (configs/evit/evit_"
+    "deit_small_r0p7_fuse_finetune.yaml; EViT adds no parameters). Paper throughput: img/s, GPU, "
+    "batch 64. Official EViT-DeiT-S checkpoints are on "
     f"Google Drive ({_EVIT_DRIVE}): download, then pretrained='/path/to/file' (use "
     "vizoo.models.evit.convert_official_checkpoint first if torch refuses its pickled args)."
 )
@@ -380,47 +381,47 @@ register_pretrained_cfgs({
 @register_model
 def evit_deit_tiny_patch16_224(**kwargs) -> EViT:
     """EViT on DeiT-Tiny (192 dim, 3 heads), 224 px."""
-    return _create_evit("evit_deit_tiny_patch16_224", **dict(dict(
+    return _create_evit(**dict(dict(
         img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3), **kwargs))
 
 
 @register_model
 def evit_deit_small_patch16_224(**kwargs) -> EViT:
     """EViT on DeiT-Small (384 dim, 6 heads), 224 px: the paper's main model."""
-    return _create_evit("evit_deit_small_patch16_224", **dict(dict(
+    return _create_evit(**dict(dict(
         img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6), **kwargs))
 
 
 @register_model
 def evit_deit_base_patch16_224(**kwargs) -> EViT:
     """EViT on DeiT-Base (768 dim, 12 heads), 224 px."""
-    return _create_evit("evit_deit_base_patch16_224", **dict(dict(
+    return _create_evit(**dict(dict(
         img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12), **kwargs))
 
 
 @register_model
 def evit_deit_small_patch16_272(**kwargs) -> EViT:
     """EViT-DeiT-S at 272 px, keep rate 0.7 (official ``deit_small_patch16_272_shrink``)."""
-    return _create_evit("evit_deit_small_patch16_272", **dict(dict(
+    return _create_evit(**dict(dict(
         img_size=272, patch_size=16, embed_dim=384, depth=12, num_heads=6, keep_rate=0.7), **kwargs))
 
 
 @register_model
 def evit_deit_small_patch16_288(**kwargs) -> EViT:
     """EViT-DeiT-S at 288 px, keep rate 0.6 (official ``deit_small_patch16_288_shrink06``)."""
-    return _create_evit("evit_deit_small_patch16_288", **dict(dict(
+    return _create_evit(**dict(dict(
         img_size=288, patch_size=16, embed_dim=384, depth=12, num_heads=6, keep_rate=0.6), **kwargs))
 
 
 @register_model
 def evit_deit_small_patch16_304(**kwargs) -> EViT:
     """EViT-DeiT-S at 304 px, keep rate 0.5 (official ``deit_small_patch16_304_shrink05``)."""
-    return _create_evit("evit_deit_small_patch16_304", **dict(dict(
+    return _create_evit(**dict(dict(
         img_size=304, patch_size=16, embed_dim=384, depth=12, num_heads=6, keep_rate=0.5), **kwargs))
 
 
 @register_model
 def evit_vit_tiny_patch4_32(**kwargs) -> EViT:
     """A small EViT (64 dim, 2 heads, 12 blocks, reorganising at 3/6/9) for 32 px digits."""
-    return _create_evit("evit_vit_tiny_patch4_32", **dict(dict(
+    return _create_evit(**dict(dict(
         img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=12, num_heads=2), **kwargs))
