@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--redo", action="store_true", help="re-export rows already in the CSV")
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="CSV files of other runs (e.g. a second process) to take rows from")
     args = ap.parse_args(argv)
 
     import vizoo
@@ -138,10 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     csv_path, md_path = results / "export_matrix.csv", results / "export_matrix.md"
     rows = read_rows(csv_path)
+    for other in args.merge:
+        extra = read_rows(Path(other))
+        keys = {(r["model"], r["format"], r["precision"]) for r in extra}
+        rows = [r for r in rows if (r["model"], r["format"], r["precision"]) not in keys] + extra
     done = {(r["model"], r["format"], r["precision"]) for r in rows}
     todo = [n for n in names if args.redo or any((n, f, p) not in done for f in args.formats
                                                  for p in args.precision)]
     print(f"{len(names)} models, {len(names) - len(todo)} already done ({csv_path})")
+    order = {n: i for i, n in enumerate(names)}
     for name in tqdm(todo, desc="export matrix"):
         t0 = time.time()
         try:
@@ -156,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             r["load_avg"] = round(os.getloadavg()[0], 1)
         keys = {(r["model"], r["format"], r["precision"]) for r in new}
         rows = [r for r in rows if (r["model"], r["format"], r["precision"]) not in keys] + new
-        order = {n: i for i, n in enumerate(names)}
         rows.sort(key=lambda r: (order.get(r["model"], len(order)), r["format"], r["precision"]))
         write_rows(rows, csv_path, md_path)
         tqdm.write(f"{name}: " + ", ".join(f"{r['format']} {r['precision']} {r['status']}" for r in new)
                    + f" ({time.time() - t0:.0f} s)")
+    order = {n: i for i, n in enumerate(names)}
+    rows.sort(key=lambda r: (order.get(r["model"], len(order)), r["format"], r["precision"]))
+    write_rows(rows, csv_path, md_path)
     bad = [r for r in rows if r["status"] == "failed"]
     print(f"wrote {csv_path} and {md_path}: {len(rows)} rows, {len(bad)} failed")
     return 1 if bad else 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import statistics
 import tempfile
@@ -43,6 +44,7 @@ PAIRS = (("mobilenetv2_100_ulsam_a", "timm:mobilenetv2_100"),
          ("affnet_t", "timm:mobilevit_xs"),
          ("affnet", "timm:mobilevit_s"))
 EXTRA = ("affnet_et",)
+PROFILED = ("affnet",)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -77,7 +79,15 @@ ABLATIONS = {
 
 # --- measurement ----------------------------------------------------------------------------------
 
-def _export(name: str, model: nn.Module, workdir: Path, verify_images: int) -> dict[str, Any]:
+def _export(name: str, model: nn.Module, workdir: Path, verify_images: int, reuse: bool) -> dict[str, Any]:
+    saved = workdir / _slug(name) / "report.json"
+    if reuse and saved.is_file():  # a file exported (and verified) by an earlier run of this script
+        res = next(r for r in json.loads(saved.read_text())["results"] if r["format"] == "tflite")
+        fns = res.get("verification", {}).get("functions", {})
+        parity = next(iter(fns.values()))["parity"] if fns else {}
+        return {"file": res["file"], "size_mb": round((res["size_bytes"] or 0) / 1e6, 2),
+                "status": res["status"], "max_abs_diff": parity.get("max_abs_diff"),
+                "top1_agreement": parity.get("top1_agreement")}
     report = export_model(model, formats="tflite", precision="fp32", out_dir=workdir / _slug(name),
                           name=_slug(name), verify=verify_images > 0, verify_images=max(verify_images, 1),
                           latency=False, layout="nhwc")
@@ -120,19 +130,21 @@ def _time_rounds(entries: list[dict[str, Any]], rounds: int, tflite_runs: int, t
                     e["_pt"].append((time.perf_counter() - t0) * 1e3)
     for e in entries:
         e["tflite_ms"] = round(statistics.median(e["_tfl"]), 3)
+        e["tflite_p10_ms"] = round(statistics.quantiles(e["_tfl"], n=10)[0], 3)
         e["tflite_min_ms"] = round(min(e["_tfl"]), 3)
         e["torch_ms"] = round(statistics.median(e["_pt"]), 3) if e["_pt"] else None
         e["tflite_vs_torch"] = round(e["torch_ms"] / e["tflite_ms"], 2) if e["torch_ms"] else None
 
 
-def _entry(name: str, model: nn.Module, workdir: Path, verify_images: int, eager: bool = True) -> dict[str, Any]:
+def _entry(name: str, model: nn.Module, workdir: Path, verify_images: int, reuse: bool,
+           eager: bool = True) -> dict[str, Any]:
     model.eval()
     size = tuple(model.pretrained_cfg["input_size"])
     with torch.no_grad():
         macs = count_macs(model, size)
     e = {"model": name, "input": "x".join(map(str, size)), "params_m": round(count_params(model) / 1e6, 3),
          "macs_g": round(macs / 1e9, 3)}
-    e.update(_export(name, model, workdir, verify_images))
+    e.update(_export(name, model, workdir, verify_images, reuse))
     e["_model"] = model if eager else None
     e["_x"] = torch.rand(1, *size)
     return e
@@ -141,7 +153,7 @@ def _entry(name: str, model: nn.Module, workdir: Path, verify_images: int, eager
 def _profile_lines(by_name: dict[str, dict[str, Any]]) -> list[str]:
     """Where AFFNet's TFLite time goes, from the ablated files timed in the same rounds."""
     lines = ["## Where the time goes (TFLite, ablated AFFNet files timed in the same rounds)", ""]
-    for base in ("affnet", "affnet_t"):
+    for base in PROFILED:
         full = by_name[base]["tflite_ms"]
         none = by_name[f"{base} (no token mixer (identity))"]["tflite_ms"]
         dft = by_name[f"{base} (DFT + inverse only (no mask MLP))"]["tflite_ms"]
@@ -156,24 +168,26 @@ def _profile_lines(by_name: dict[str, dict[str, Any]]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
-    ap.add_argument("--tflite-runs", type=int, default=10, help="TFLite invokes per model per round")
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
+    ap.add_argument("--tflite-runs", type=int, default=5, help="TFLite invokes per model per round")
     ap.add_argument("--torch-runs", type=int, default=3, help="PyTorch forwards per model per round")
     ap.add_argument("--verify-images", type=int, default=16, help="real images for parity (0: skip)")
     ap.add_argument("--profile", action="store_true", help="also time AFFNet with parts removed")
     ap.add_argument("--workdir", default=None, help="where the TFLite files go (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="time files a previous run left in --workdir instead of re-exporting them")
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vizoo_latency_compact_"))
 
     names = [n for pair in PAIRS for n in pair] + list(EXTRA)
     entries = []
     for name in tqdm(names, desc="export + verify"):
-        entries.append(_entry(name, build_model(name), workdir, args.verify_images))
+        entries.append(_entry(name, build_model(name), workdir, args.verify_images, args.reuse))
     if args.profile:
-        for base in ("affnet", "affnet_t"):
+        for base in PROFILED:
             for label, make in ABLATIONS.items():
                 model = _replace_mixers(build_model(base), make)
-                entries.append(_entry(f"{base} ({label})", model, workdir, 0, eager=False))
+                entries.append(_entry(f"{base} ({label})", model, workdir, 0, args.reuse, eager=False))
     _time_rounds(entries, args.rounds, args.tflite_runs, args.torch_runs, args.threads)
 
     by_name = {e["model"]: e for e in entries}
@@ -183,22 +197,24 @@ def main() -> None:
         pairs.append({"method": method, "baseline": base, "macs_ratio": round(m["macs_g"] / b["macs_g"], 3),
                       "params_ratio": round(m["params_m"] / b["params_m"], 3),
                       "tflite_speedup": round(b["tflite_ms"] / m["tflite_ms"], 3),
+                      "tflite_speedup_p10": round(b["tflite_p10_ms"] / m["tflite_p10_ms"], 3),
                       "torch_speedup": round(b["torch_ms"] / m["torch_ms"], 3)})
     rows = [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries]
     profile = _profile_lines(by_name) if args.profile else []
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_csv(rows, RESULTS / "latency_compact.csv")
-    cols = ["model", "input", "params_m", "macs_g", "tflite_ms", "tflite_min_ms", "torch_ms",
+    cols = ["model", "input", "params_m", "macs_g", "tflite_ms", "tflite_p10_ms", "torch_ms",
             "tflite_vs_torch", "size_mb", "status", "max_abs_diff", "top1_agreement"]
     md = [f"# Compact models: TFLite vs PyTorch latency ({args.threads} threads, batch 1)", "",
           f"Machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}; "
           f"{args.rounds} interleaved rounds x {args.tflite_runs} TFLite invokes and {args.torch_runs} "
-          "PyTorch forwards per model; medians over all runs. MACs by torch.utils.flop_counter "
+          "PyTorch forwards per model; medians (and TFLite 10th percentiles, less sensitive to other "
+          "processes on a shared machine) over all runs. MACs by torch.utils.flop_counter "
           "(AFFNet's FFTs are not counted). TFLite files are fp32, NHWC input, exported and verified by "
           "`vizoo.export` (status/max_abs_diff/top1_agreement: the file vs PyTorch on real images).", "",
           format_table(rows, cols), "", "## Method vs baseline (speedup > 1: the method is faster)", "",
           format_table(pairs, ["method", "baseline", "macs_ratio", "params_ratio", "tflite_speedup",
-                               "torch_speedup"]), "", *profile]
+                               "tflite_speedup_p10", "torch_speedup"]), "", *profile]
     write_text_atomic(RESULTS / "latency_compact.md", "\n".join(md))
     print("\n".join(md))
 

@@ -22,8 +22,8 @@ TESTS = Path(__file__).resolve().parent
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    common = ["--data", "digits", "--img-size", "10", "--epochs", "1", "--batch-size", "32", "--lr", "1e-2",
-              "--warmup-epochs", "0", "--progress", "off"]
+    common = ["--data", "digits", "--img-size", "8", "--epochs", "1", "--batch-size", "32", "--lr", "1e-2",
+              "--warmup-epochs", "0", "--progress", "off", "--no-plots"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -34,8 +34,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert "2 process(es)" in proc.stdout
     assert proc.stdout.count("run directory:") == 1  # only rank 0 reports and writes
 
-    single = train(model="engine_tinynet", data="digits", img_size=10, epochs=1, batch_size=32, lr=1e-2,
-                   warmup_epochs=0, progress="off", model_kwargs={"use_bn": False}, out=str(tmp_path / "one"))
+    single = train(model="engine_tinynet", data="digits", img_size=8, epochs=1, batch_size=32, lr=1e-2,
+                   warmup_epochs=0, progress="off", plots=False, model_kwargs={"use_bn": False},
+                   out=str(tmp_path / "one"))
     a, b = load_file(single.last_path), load_file(tmp_path / "ddp" / "last.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-3, f"2-process weights drift from 1-process weights by {worst}"

@@ -22,13 +22,13 @@ from vizoo.engine import train
 from vizoo.engine.metrics import read_jsonl
 
 TESTS = Path(__file__).resolve().parent
-RECIPE = dict(model="engine_tinynet", data="digits", img_size=10, epochs=2, batch_size=32, lr=1e-2,
+RECIPE = dict(model="engine_tinynet", data="digits", img_size=8, epochs=2, batch_size=32, lr=1e-2,
               model_kwargs={"drop_rate": 0.2}, augment=True, aug_scale=[0.7, 1.0], hflip=0.0, color_jitter=0.0,
-              ema=True, ema_decay=0.9, accum_steps=2, checkpoint_every=2, progress="off")
-CLI = ["engine_tinynet", "--imports", "test_engine_tinynet", "--data", "digits", "--img-size", "10",
+              ema=True, ema_decay=0.9, accum_steps=2, checkpoint_every=2, progress="off", plots=False)
+CLI = ["engine_tinynet", "--imports", "test_engine_tinynet", "--data", "digits", "--img-size", "8",
        "--epochs", "2", "--batch-size", "32", "--lr", "1e-2", "--model-kwargs", "drop_rate=0.2", "--augment",
        "--aug-scale", "0.7", "1.0", "--hflip", "0", "--color-jitter", "0", "--ema", "--ema-decay", "0.9",
-       "--accum-steps", "2", "--checkpoint-every", "2", "--progress", "off"]
+       "--accum-steps", "2", "--checkpoint-every", "2", "--progress", "off", "--no-plots"]
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -15,15 +15,21 @@ from vizoo.engine import NonFiniteLossError, TrainConfig, Trainer, evaluate, tra
 from vizoo.engine.metrics import read_jsonl
 from vizoo.hub import load_model
 
-TINY = dict(model="engine_tinynet", data="digits", img_size=12, batch_size=64, lr=2e-2, warmup_epochs=0,
-            progress="off")
+TINY = dict(model="engine_tinynet", data="digits", img_size=8, batch_size=64, lr=2e-2, warmup_epochs=0,
+            progress="off", plots=False)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    result = train(out=str(out), epochs=2, in_chans=1, **TINY)
-    return result
+def trainer(tmp_path_factory):
+    trainer = Trainer(TrainConfig(out=str(tmp_path_factory.mktemp("run")), epochs=2, in_chans=1,
+                                  **dict(TINY, plots=True)))
+    trainer.result = trainer.fit()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def run(trainer):
+    return trainer.result
 
 
 def test_run_directory_holds_every_output(run):
@@ -46,7 +52,7 @@ def test_run_directory_holds_every_output(run):
 def test_checkpoint_rebuilds_the_trained_model_with_its_input_config(run):
     model = load_model(run.best_path)
     cfg = model.pretrained_cfg
-    assert list(cfg["input_size"]) == [1, 12, 12] and cfg["crop_pct"] == 1.0
+    assert list(cfg["input_size"]) == [1, 8, 8] and cfg["crop_pct"] == 1.0
     assert len(cfg["mean"]) == len(cfg["std"]) == 1
     assert model.labels == [str(i) for i in range(10)]
     # the state file is weights_only-loadable and its weights are those of last.safetensors
@@ -63,8 +69,8 @@ def test_evaluate_matches_an_independent_count(run):
     from vizoo.data.digits import DigitsDataset
     from vizoo.data.transforms import build_transform, resolve_data_cfg
 
-    ds = DigitsDataset("val", img_size=12, in_chans=1)
-    tf = build_transform(resolve_data_cfg(model.pretrained_cfg, 12, 1, 1.0))
+    ds = DigitsDataset("val", img_size=8, in_chans=1)
+    tf = build_transform(resolve_data_cfg(model.pretrained_cfg, 8, 1, 1.0))
     x = torch.stack([tf(ds[i][0]) for i in range(len(ds))])
     y = torch.tensor(ds.targets)
     with torch.no_grad():
@@ -84,7 +90,7 @@ def test_evaluate_matches_an_independent_count(run):
 
 def test_config_yaml_reruns_the_same_config(run):
     saved = TrainConfig.from_yaml(run.run_dir / "config.yaml")
-    assert saved.model == "engine_tinynet" and saved.img_size == 12 and saved.in_chans == 1
+    assert saved.model == "engine_tinynet" and saved.img_size == 8 and saved.in_chans == 1
     assert saved.resume is None and saved.out == str(run.run_dir)
     raw = yaml.safe_load((run.run_dir / "config.yaml").read_text())
     assert set(raw) == set(TrainConfig().to_dict())
@@ -110,10 +116,7 @@ def test_freezing_by_pattern_keeps_frozen_weights_and_bn_stats(tmp_path):
         Trainer(TrainConfig(out=str(tmp_path / "x"), freeze=["nonexistent.*"], **TINY)).setup()
 
 
-def test_model_hook_gets_fractional_epoch_progress(tmp_path):
-    trainer = Trainer(TrainConfig(out=str(tmp_path), epochs=2, **TINY))
-    trainer.setup()
-    trainer.fit()
+def test_model_hook_gets_fractional_epoch_progress(trainer):
     seen = trainer.model.progress_seen
     n = trainer.batches_per_epoch
     assert len(seen) == 2 * n

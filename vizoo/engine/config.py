@@ -37,6 +37,8 @@ class TrainConfig:
     num_classes: int | None = _f(None, "classifier outputs (default: the number of classes in the data)")
     in_chans: int | None = _f(None, "input channels (default: the model's, usually 3)")
     model_kwargs: dict = _f({}, "extra constructor arguments, key=value (e.g. drop_path_rate=0.1)")
+    head_init_scale: float | None = _f(None, "multiply the fresh classifier's initial weights (0: zero-init, "
+                                       "so training starts at uniform predictions)")
     imports: list = _f([], "Python modules to import first (they may @register_model your own models)")
     task: str = _f("classification", "task adapter (see vizoo.engine.tasks)")
     # --- data ---
@@ -95,6 +97,7 @@ class TrainConfig:
     resume: str | None = _f(None, "continue a run: 'auto' (OUT's last state) or a *_state.pt file",
                             nargs="?", const="auto")
     progress: str = _f("auto", "progress bars: auto (when a TTY), on or off", choices=("auto", "on", "off"))
+    plots: bool = _f(True, "draw training_curves.png every epoch and confusion_matrix.png at the end")
 
     # ------------------------------------------------------------------ helpers
     def validate(self) -> "TrainConfig":

@@ -16,6 +16,8 @@ A task adapter owns the rest, through this interface (`TaskAdapter`):
 ``new_meter()``             an accumulator of evaluation sums with ``update``-style use in
 ``eval_step(model, b, m)``  and ``reduce(env)`` (sum across processes) + ``compute()``
 ``param_groups(model)``     optional optimizer groups (None: timm's weight-decay grouping)
+``final_report(meter)``     end-of-run record of the best weights (classification: per-class
+                            accuracy and confusion matrix -> confusion_matrix.json/.png)
 ``checkpoint_labels``       class names stored in checkpoints (None when not meaningful)
 ``primary_metric``          key of ``compute()`` that picks the best checkpoint
 ``higher_is_better``        direction of ``primary_metric``
@@ -56,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .metrics import ClassificationMeter
+from .metrics import ClassificationMeter, accuracy_report
 
 
 @dataclass
@@ -125,6 +127,10 @@ class TaskAdapter:
         raise NotImplementedError
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
+        return None
+
+    def final_report(self, meter: Any) -> dict[str, Any] | None:
+        """The end-of-run evaluation record of the best weights (None: nothing beyond metrics.jsonl)."""
         return None
 
     @property
@@ -216,6 +222,9 @@ class ClassificationTask(TaskAdapter):
             logits = logits[0]
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
         meter.update(logits, y, float(loss))
+
+    def final_report(self, meter: ClassificationMeter) -> dict[str, Any]:
+        return accuracy_report(meter, self.labels)
 
     @property
     def checkpoint_labels(self) -> list[str] | None:

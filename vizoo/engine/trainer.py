@@ -38,7 +38,7 @@ from .config import TrainConfig
 from .distributed import (DistEnv, all_gather_objects, all_reduce_sum, any_true, barrier, init_distributed,
                           shutdown, unwrap, wrap_ddp)
 from .freeze import apply_freeze, frozen_norm_layers
-from .metrics import accuracy_report, write_jsonl
+from .metrics import write_jsonl
 from .tasks import TaskAdapter, TaskData, create_task, resolved_img_size
 
 
@@ -62,7 +62,7 @@ class TrainResult:
 
 def _trajectory_keys() -> tuple[str, ...]:
     """Config keys that change the numbers of a run (a resumed run should not change them)."""
-    skip = {"out", "resume", "progress", "num_workers", "checkpoint_every", "epochs", "verify_images", "imports",
+    skip = {"out", "resume", "progress", "plots", "num_workers", "checkpoint_every", "epochs", "verify_images", "imports",
             "eval_batch_size", "device"}
     return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in skip)
 
@@ -102,6 +102,8 @@ class Trainer:
         self.data: TaskData = self.task.load_data(cfg)
         model = self._given_model or self.task.create_model(cfg, self.data)
         self.task.attach_transforms(cfg, self.data, model)
+        if cfg.head_init_scale is not None:
+            _scale_head(model, cfg.head_init_scale)
         self.img_size = resolved_img_size(cfg, model)
         n_train, n_total = apply_freeze(model, cfg.freeze, cfg.trainable)
         if env.distributed and cfg.sync_bn:
@@ -446,6 +448,7 @@ class Trainer:
         self._save_last(f"epoch {self.epoch}")
         if self.env.is_main:
             write_jsonl(self.paths.metrics, self.history)
+        if self.env.is_main and cfg.plots:
             try:
                 from .plots import plot_training_curves
 
@@ -463,20 +466,21 @@ class Trainer:
 
         paths, report = self.paths, None
         barrier(self.env)
-        if paths.best.exists() and self.task.name == "classification":
+        if paths.best.exists():
             model = self._eval_model()
             current = {k: v.detach().clone() for k, v in model.state_dict().items()}
             model.load_state_dict(read_checkpoint(paths.best))
             self.evaluate_model(model)
             model.load_state_dict(current)
-            report = accuracy_report(self._last_meter, self.task.checkpoint_labels)
-            if self.env.is_main:
-                from vizoo.io import write_json_atomic
+            report = self.task.final_report(self._last_meter)
+        if report is not None and self.env.is_main:
+            from vizoo.io import write_json_atomic
 
-                from .plots import plot_confusion_matrix
-
-                write_json_atomic(paths.confusion_json, report)
+            write_json_atomic(paths.confusion_json, report)
+            if self.cfg.plots and "confusion_matrix" in report:
                 try:
+                    from .plots import plot_confusion_matrix
+
                     plot_confusion_matrix(report["confusion_matrix"], report["labels"], paths.confusion_png,
                                           title=f"{self.cfg.model}: top-1 {report['top1']:.2f}%")
                 except Exception as e:
@@ -488,6 +492,20 @@ class Trainer:
         return TrainResult(run_dir=paths.root, last_path=paths.last,
                            best_path=paths.best if paths.best.exists() else None, state_path=paths.state,
                            metrics=final, best_metric=self.best_metric, history=list(self.history), eval=report)
+
+
+@torch.no_grad()
+def _scale_head(model: nn.Module, scale: float) -> None:
+    """Scale the classifier's initial weights and zero its bias. timm's classifier init scales
+    with 1/sqrt(num_classes), so with few classes the first logits are large (loss ~5 instead of
+    ln 10 on 10 classes); zero or small heads start from uniform predictions."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module) or not hasattr(head, "weight"):
+        raise ValueError("--head-init-scale needs a model with get_classifier() returning a layer with weights")
+    head.weight.mul_(scale)
+    if getattr(head, "bias", None) is not None:
+        head.bias.zero_()
 
 
 def train(cfg: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, /, **kwargs: Any) -> TrainResult:

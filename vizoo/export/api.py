@@ -162,7 +162,8 @@ def _measure_latency(spec: ModelSpec, results: list[FormatResult], threads: int)
     with torch.no_grad(), torch_threads(threads):
         fns = {"torch": lambda: spec.module(*spec.example_inputs)}
         fns.update({r.precision: timed_invoke(r.file, threads)[0] for r in files})
-        lat = interleaved(fns, rounds=3, runs=7, warmup=3, threads=threads, batch=spec.batch_size)
+        lat = interleaved(fns, rounds=3, runs=7, warmup=3, threads=threads, batch=spec.batch_size,
+                          budget_s=60)
     for r in files:
         r.latency = lat[r.precision].to_dict()
     return lat["torch"].to_dict()

@@ -63,14 +63,18 @@ def measure(fn: Callable[[], Any], warmup: int = 5, runs: int = 30, threads: int
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 5, runs: int = 10, warmup: int = 3,
-                threads: int = 0, batch: int = 1) -> dict[str, Latency]:
+                threads: int = 0, batch: int = 1, budget_s: float | None = None) -> dict[str, Latency]:
     """Time several backends in alternating rounds, so load drifts on a shared machine hit all
-    of them alike; each Latency pools the runs of every round."""
+    of them alike; each Latency pools the runs of every round. After ``budget_s`` seconds no
+    new round starts (at least one always runs)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
+    start = time.perf_counter()
+    for i in range(rounds):
+        if i and budget_s is not None and time.perf_counter() - start > budget_s:
+            break
         for key, fn in fns.items():
             for _ in range(runs):
                 t0 = time.perf_counter()

@@ -40,6 +40,15 @@ def _exported(spec: ModelSpec, image: bool) -> Any:
     return spec.cache[key]
 
 
+def _convert_module(module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
+    """Plain fp32 conversion of any (sub)module: what diagnosis bisects with."""
+    import coremltools as ct
+
+    ep = torch.export.export(module, args).run_decompositions({})
+    return ct.convert(ep, minimum_deployment_target=ct.target.iOS17, convert_to="mlprogram",
+                      compute_precision=ct.precision.FLOAT32)
+
+
 def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any) -> Any:
     import coremltools as ct
 
@@ -64,7 +73,7 @@ def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any) -> A
                           convert_to="mlprogram", **kwargs)
     except Exception as e:  # noqa: BLE001
         with export_mode(spec.model):
-            raise diagnose(e, "coreml", spec.module, spec.example_inputs) from e
+            raise diagnose(e, "coreml", spec.module, spec.example_inputs, _convert_module) from e
 
 
 def _compress(mlmodel: Any, method: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -125,8 +126,13 @@ def _short(message: str, limit: int = 300) -> str:
 
 
 def diagnose(exc: BaseException, fmt: str, module: nn.Module, args: tuple[Any, ...],
-             exported: Callable[[], Any] | None = None) -> ConversionError:
-    """Explain a converter failure: the op, the module path that owns it, and the fix."""
+             convert: Callable[[nn.Module, tuple[Any, ...]], Any] | None = None) -> ConversionError:
+    """Explain a converter failure: the op, the module path that owns it, and the fix.
+
+    ``convert(submodule, inputs)`` runs the failing converter on a submodule; when the message
+    names no op that can be found in the graph, the deepest submodule that fails the same way
+    is reported.
+    """
     message = f"{type(exc).__name__}: {exc}"
     op = op_from_message(message)
     path = mtype = None
@@ -142,6 +148,9 @@ def diagnose(exc: BaseException, fmt: str, module: nn.Module, args: tuple[Any, .
         path, mtype, found = locate_op(module, args, op)
         if found and found.lstrip("_") != op.lstrip("_"):
             op = f"{found} (lowered to {op})"
+    if path is None and convert is not None:
+        path, mtype, _ = locate_by_submodules(module, args, convert, same_as=type(exc),
+                                              root_failure=message)
     return ConversionError(fmt, op, path, mtype, known_fix(op, message), _short(message))
 
 
@@ -192,8 +201,18 @@ def locate_op(module: nn.Module, args: tuple[Any, ...], op: str) -> tuple[str | 
     return None, None, None
 
 
-def locate_by_submodules(module: nn.Module, args: tuple[Any, ...]) -> tuple[str | None, str | None, str]:
-    """Deepest submodule that torch.export cannot take on its own (inputs recorded by hooks)."""
+def _export_only(m: nn.Module, args: tuple[Any, ...]) -> Any:
+    return torch.export.export(m, args)
+
+
+def locate_by_submodules(module: nn.Module, args: tuple[Any, ...],
+                         check: Callable[[nn.Module, tuple[Any, ...]], Any] = _export_only,
+                         same_as: type | None = None, budget_s: float = 120.0,
+                         root_failure: str = "") -> tuple[str | None, str | None, str]:
+    """Deepest submodule that ``check`` (torch.export by default, or a converter) cannot take on
+    its own, run on the inputs it received in one forward (recorded by hooks). With
+    ``same_as``, only failures of that exception type count (a submodule can fail for reasons
+    of its own, e.g. non-tensor inputs); ``root_failure`` skips re-checking the whole model."""
     recorded: dict[str, tuple[Any, ...]] = {}
     hooks = []
     for name, m in module.named_modules():
@@ -202,21 +221,27 @@ def locate_by_submodules(module: nn.Module, args: tuple[Any, ...]) -> tuple[str 
     try:
         with torch.no_grad():
             module(*args)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever ran before the failure is recorded
         pass
     finally:
         for h in hooks:
             h.remove()
+    deadline = time.monotonic() + budget_s
 
     def fails(path: str, m: nn.Module) -> str:
+        if path and (time.monotonic() > deadline
+                     or not all(isinstance(a, torch.Tensor) for a in recorded[path])):
+            return ""
         try:
-            torch.export.export(m, tuple(recorded[path]))
+            check(m, tuple(recorded[path]))
             return ""
         except Exception as e:  # noqa: BLE001 - any failure is what we look for
+            if same_as is not None and not isinstance(e, same_as):
+                return ""
             return f"{type(e).__name__}: {e}"
 
     path, current = "", module
-    msg = fails("", module) if "" in recorded else ""
+    msg = root_failure or (fails("", module) if "" in recorded else "")
     if not msg:
         return None, None, ""
     while True:

@@ -63,7 +63,8 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
             try:
                 spec.cache[key] = bytes(litert_torch.convert(module.eval(), args).model_content())
             except Exception as e:  # noqa: BLE001 - every converter failure gets explained
-                raise diagnose(e, "tflite", spec.module, spec.example_inputs) from e
+                raise diagnose(e, "tflite", spec.module, spec.example_inputs,
+                               lambda m, a: litert_torch.convert(m.eval(), a)) from e
         data = spec.cache[key]
         quant: dict[str, Any] = {}
         if precision == "fp16":

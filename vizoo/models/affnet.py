@@ -41,16 +41,19 @@ __all__ = ["AFFNet", "AFFBlock", "AFFStage", "checkpoint_filter_fn"]
 class _LayerNorm2d(ExportAware, GroupNorm1):
     """GroupNorm with one group (cvnets "layer_norm_2d": statistics over C, H, W per sample).
 
-    Export form: mean/variance written out, because the converters' group-norm decomposition puts
-    BROADCAST_TO ops in TFLite files, which XNNPACK does not take (each one splits the graph).
+    Export form: mean/variance written out channels-last. The converters' own group-norm
+    decomposition puts BROADCAST_TO ops in TFLite files (XNNPACK takes none, so each splits the
+    graph), and a channels-first form keeps the norm in NCHW between NHWC convs (two transposes per
+    norm); channels-last, the permutes cancel against the converter's own.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.exporting:
             return super().forward(x)
+        x = x.permute(0, 2, 3, 1)
         centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
         inv_std = torch.rsqrt((centred * centred).mean(dim=(1, 2, 3), keepdim=True) + self.eps)
-        return centred * inv_std * self.weight[:, None, None] + self.bias[:, None, None]
+        return (centred * inv_std * self.weight + self.bias).permute(0, 3, 1, 2)
 
 
 def _inverted_residual(in_chs: int, out_chs: int, stride: int, exp_ratio: float) -> InvertedResidual:
