@@ -16,6 +16,7 @@ of the per-round ratios, so the load of a shared machine moves both sides alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import statistics
 import sys
@@ -30,9 +31,26 @@ from tqdm.auto import tqdm
 import vizoo
 from vizoo.data.bundled import normalize, photo_images
 from vizoo.layers.export_mode import export_mode
-from vizoo.layers.token_reorg import EXPORT_FORMS
+from vizoo.layers.token_reorg import EXPORT_FORMS, TokenReorganizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class _FixedSlice(TokenReorganizer):
+    """Reference only: keeps the first ``keep`` tokens (+ one as the "fused" token) by a static
+    slice. Same token counts and MACs as EViT with no selection work at all: the speed-up a
+    token-selection implementation can at best reach on this runtime."""
+
+    def forward(self, x, cls_attn, keep):
+        parts = [x[:, :keep + 1]] + ([x[:, keep + 1:keep + 2]] if self.fuse_token else [])
+        return torch.cat(parts, dim=1), None
+
+
+def fixed_slice_copy(evit):
+    ref = copy.deepcopy(evit)
+    for blk in ref.reorg_blocks:
+        blk.reorg = _FixedSlice(fuse_token=blk.reorg.fuse_token)
+    return ref
 
 
 def build_pair(model: str, baseline: str, weights: str | None, seed: int):
@@ -46,18 +64,35 @@ def build_pair(model: str, baseline: str, weights: str | None, seed: int):
     return base, evit
 
 
-def interleaved(candidates: dict, rounds: int, calls: int, desc: str) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, one entry per round; candidates alternate each round."""
-    times = {k: [] for k in candidates}
+def interleaved(candidates: dict, rounds: int, calls: int, desc: str):
+    """Wall-clock and process-CPU seconds per call of each candidate, one entry per round;
+    candidates alternate each round. CPU time counts the work of all threads and is less moved
+    by other processes than wall-clock time (it still includes thread-pool spinning)."""
+    wall = {k: [] for k in candidates}
+    cpu = {k: [] for k in candidates}
     for fn in candidates.values():  # warm-up
         fn()
     for _ in tqdm(range(rounds), desc=desc):
         for name, fn in candidates.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(calls):
                 fn()
-            times[name].append((time.perf_counter() - t0) / calls)
-    return times
+            wall[name].append((time.perf_counter() - t0) / calls)
+            cpu[name].append((time.process_time() - c0) / calls)
+    return wall, cpu
+
+
+def _row(runtime: str, label: str, key: str, batch: int, threads: int, wall, cpu, parity: str) -> dict:
+    med = statistics.median(wall[key])
+    first = key == next(iter(wall))
+    return dict(runtime=runtime, model=label, batch=batch, threads=threads,
+                ms_per_batch=round(med * 1e3, 1), ms_best=round(min(wall[key]) * 1e3, 1),
+                img_per_s=round(batch / med, 1),
+                speedup=1.0 if first else round(speedup(wall, next(iter(wall)), key), 3),
+                speedup_best=1.0 if first else round(best_speedup(wall, next(iter(wall)), key), 3),
+                cpu_ms=round(statistics.median(cpu[key]) * 1e3, 1),
+                speedup_cpu=1.0 if first else round(speedup(cpu, next(iter(cpu)), key), 3),
+                parity=parity)
 
 
 def speedup(times: dict[str, list[float]], base: str, other: str) -> float:
@@ -72,19 +107,13 @@ def best_speedup(times: dict[str, list[float]], base: str, other: str) -> float:
 def eager_rows(base, evit, batch: int, threads: int, rounds: int) -> list[dict]:
     torch.set_num_threads(threads)
     x = torch.randn(batch, 3, 224, 224)
+    ref = fixed_slice_copy(evit)
     with torch.inference_mode():
-        times = interleaved({"deit": lambda: base(x), "evit": lambda: evit(x)}, rounds, 1,
-                            f"PyTorch eager, batch {batch}")
-    rows = []
-    for key, label in (("deit", "timm deit_small_patch16_224"), ("evit", "EViT r=0.7 fused (eager form)")):
-        med = statistics.median(times[key])
-        rows.append(dict(runtime="pytorch-eager", model=label, batch=batch, threads=threads,
-                         ms_per_batch=round(med * 1e3, 1), ms_best=round(min(times[key]) * 1e3, 1),
-                         img_per_s=round(batch / med, 1),
-                         speedup=1.0 if key == "deit" else round(speedup(times, "deit", key), 3),
-                         speedup_best=1.0 if key == "deit" else round(best_speedup(times, "deit", key), 3),
-                         parity=""))
-    return rows
+        wall, cpu = interleaved({"deit": lambda: base(x), "evit": lambda: evit(x), "slice": lambda: ref(x)},
+                                rounds, 1, f"PyTorch eager, batch {batch}")
+    labels = {"deit": "timm deit_small_patch16_224", "evit": "EViT r=0.7 fused (eager form)",
+              "slice": "reference: same token counts by a fixed slice"}
+    return [_row("pytorch-eager", labels[k], k, batch, threads, wall, cpu, "") for k in wall]
 
 
 def convert_tflite(module: torch.nn.Module, path: Path, export: bool, reuse: bool) -> Path:
@@ -134,22 +163,25 @@ def tflite_rows(base, evit, forms, threads: int, rounds: int, calls: int, work: 
         for blk in evit.reorg_blocks:
             blk.reorg.export_form = form
         files[form] = convert_tflite(evit, work / f"evit_r0p7_fuse_{form}.tflite", True, reuse)
+    files["slice"] = convert_tflite(fixed_slice_copy(evit), work / "evit_r0p7_fuse_fixed_slice.tflite", True, reuse)
+    for blk in evit.reorg_blocks:
+        blk.reorg.export_form = "rank_matmul"
     runners = {k: tflite_runner(p, threads) for k, p in files.items()}
     checks = {"deit": parity(runners["deit"], base, images)}
     checks.update({f: parity(runners[f], evit, images) for f in forms})
     x = images[:1].numpy()
-    times = interleaved({k: (lambda r=r: r(x)) for k, r in runners.items()}, rounds, calls,
-                        f"TFLite, batch 1, {threads} threads")
+    wall, cpu = interleaved({k: (lambda r=r: r(x)) for k, r in runners.items()}, rounds, calls,
+                            f"TFLite, batch 1, {threads} threads")
     rows = []
     for key in runners:
-        med = statistics.median(times[key])
-        label = "timm deit_small_patch16_224" if key == "deit" else f"EViT r=0.7 fused ({key})"
-        rows.append(dict(runtime="tflite-xnnpack", model=label, batch=1, threads=threads,
-                         ms_per_batch=round(med * 1e3, 2), ms_best=round(min(times[key]) * 1e3, 2),
-                         img_per_s=round(1 / med, 1),
-                         speedup=1.0 if key == "deit" else round(speedup(times, "deit", key), 3),
-                         speedup_best=1.0 if key == "deit" else round(best_speedup(times, "deit", key), 3),
-                         parity=f"max|tflite-eager| {checks[key]:.1e}"))
+        if key == "deit":
+            label = "timm deit_small_patch16_224"
+        elif key == "slice":
+            label = "reference: same token counts by a fixed slice"
+        else:
+            label = f"EViT r=0.7 fused ({key})"
+        check = f"max|tflite-eager| {checks[key]:.1e}" if key in checks else "n/a (reference)"
+        rows.append(_row("tflite-xnnpack", label, key, 1, threads, wall, cpu, check))
     return rows
 
 
@@ -189,15 +221,20 @@ def fp16_token_changes(checkpoint: str, max_images: int = 2000) -> list[dict]:
     c, h, _ = cfg["input_size"]
     x01, _ = digits_arrays(h, c)
     x = normalize(x01[:max_images], cfg["mean"], cfg["std"])
-    ref_masks, ref_logits = kept_patch_masks(model, x), model(x)
     weights16 = copy.deepcopy(model)
     for p_ in weights16.parameters():
         p_.data = p_.data.half().float()
     compute16 = copy.deepcopy(model).half()
+
+    def run(m, dtype):  # masks and logits, in chunks
+        outs = [(kept_patch_masks(m, c.to(dtype)), m(c.to(dtype)).float()) for c in x.split(128)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    ref_masks, ref_logits = run(model, torch.float32)
     rows = []
-    for label, m, xx in (("fp16 weights, fp32 compute (TFLite fp16)", weights16, x),
-                         ("fp16 compute (CoreML FLOAT16)", compute16, x.half())):
-        masks, logits = kept_patch_masks(m, xx), m(xx).float()
+    for label, m, dtype in (("fp16 weights, fp32 compute (TFLite fp16)", weights16, torch.float32),
+                            ("fp16 compute (CoreML FLOAT16)", compute16, torch.float16)):
+        masks, logits = run(m, dtype)
         diff = masks != ref_masks  # (N, blocks, gh, gw)
         changed = diff.flatten(2).any(-1)  # (N, blocks)
         moved = diff.flatten(2).sum(-1).float()[changed]
@@ -272,16 +309,21 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; weights "
         f"{'from ' + args.weights if args.weights else f'random (seed {args.seed})'}, identical in both models.",
         "speedup = median over rounds of (DeiT-S time / EViT time), rounds interleaved; speedup_best = "
-        "ratio of the fastest rounds (ms_best), the least disturbed estimate on a loaded machine.",
+        "ratio of the fastest rounds (ms_best); speedup_cpu = the same median ratio of process CPU time "
+        "(all threads), less moved by other processes on a shared machine.",
+        "reference rows keep the same token counts by a fixed slice (no selection work): the best a "
+        "token-selection implementation can reach in that runtime.",
         macs_note,
         "paper: +50% throughput at r = 0.7 (GPU, batch 64, fp32); goal here >= 1.45x in both runtimes.",
         "parity: max abs logit difference between the .tflite file and eager PyTorch over 8 real photos.",
     ]
-    profile = profile_eager(base, evit, args.batch, args.threads) if args.profile else ""
-    fp16_rows = fp16_token_changes(args.fp16_checkpoint) if args.fp16_checkpoint else None
-    write_results(rows, notes, profile, fp16_rows, args.fp16_checkpoint or "")
-    for r in fp16_rows or []:
-        print(r)
+    write_results(rows, notes, "")  # the timings are safe on disk before the optional extras
+    if args.fp16_checkpoint or args.profile:
+        fp16_rows = fp16_token_changes(args.fp16_checkpoint) if args.fp16_checkpoint else None
+        profile = profile_eager(base, evit, args.batch, args.threads) if args.profile else ""
+        write_results(rows, notes, profile, fp16_rows, args.fp16_checkpoint or "")
+        for r in fp16_rows or []:
+            print(r)
     cols = list(rows[0])
     print(" | ".join(cols))
     for r in rows:

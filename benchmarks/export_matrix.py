@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["model", "format", "precision", "status", "size_mb", "rel_max_abs_diff", "cosine_min",
            "top1_agreement", "eager_rel_max_abs_diff", "tflite_ms", "torch_ms", "tflite_speedup",
-           "input", "seconds", "load_avg", "reason"]
+           "input", "seconds", "latency_threads", "load_avg", "reason"]
 
 
 def rows_from_report(report: Any) -> list[dict[str, Any]]:
@@ -113,9 +113,40 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         for p, b in BOUNDS.items())
     return ("\n".join(lines) + "\n\nParity on 64 bundled photographs (CoreML: tensor function on "
             "64, camera-image function on 16; the worst function is shown). Bounds: " + bounds +
-            ". Latency: median of 21 runs (3 interleaved rounds of 7 after 3 warm-up runs), batch 1, "
-            "2 threads, PyTorch eager and TFLite timed in the same run (load_avg in the CSV is the "
-            "machine's 1-minute load then); random weights.\n")
+            ". Latency: median of interleaved rounds (PyTorch eager and TFLite timed in the same "
+            "run, after warm-up), batch 1, 2 threads unless the CSV's latency_threads says "
+            "otherwise; load_avg in the CSV is the machine's 1-minute load then; random weights.\n")
+
+
+def retime(rows: list[dict[str, Any]], names: list[str], out_dir: Path, threads: int) -> None:
+    """PyTorch eager vs every exported TFLite file of each model, interleaved in one run."""
+    from vizoo.export.api import build_model
+    from vizoo.export.bench import interleaved, torch_threads
+    from vizoo.export.spec import resolve_spec
+    from vizoo.export.tflite import timed_invoke
+
+    import torch
+
+    for name in tqdm(names, desc="latency"):
+        mine = [r for r in rows if r["model"] == name]
+        if not mine:
+            continue
+        spec = resolve_spec(build_model(name), name=name)
+        folder = out_dir / name.replace(":", "_")
+        files = {r["precision"]: folder / f"{spec.stem}_{r['precision']}.tflite" for r in mine
+                 if r["format"] == "tflite" and r["status"] != "failed"}
+        files = {p: f for p, f in files.items() if f.is_file()}
+        with torch.no_grad(), torch_threads(threads):
+            fns = {"torch": lambda: spec.module(*spec.example_inputs)}
+            fns.update({p: timed_invoke(f, threads)[0] for p, f in files.items()})
+            lat = interleaved(fns, rounds=5, runs=10, warmup=5, threads=threads, budget_s=120)
+        torch_ms = lat["torch"].median_ms
+        for r in mine:
+            r.update(torch_ms=round(torch_ms, 2), load_avg=lat["torch"].load_avg,
+                     latency_threads=threads)
+            if r["format"] == "tflite" and r["precision"] in lat:
+                tfl = lat[r["precision"]].median_ms
+                r.update(tflite_ms=round(tfl, 2), tflite_speedup=round(torch_ms / tfl, 2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redo", action="store_true", help="re-export rows already in the CSV")
     ap.add_argument("--merge", nargs="*", default=[],
                     help="CSV files of other runs (e.g. a second process) to take rows from")
+    ap.add_argument("--relatency", action="store_true",
+                    help="only re-time PyTorch eager and the TFLite files already exported (e.g. "
+                         "when the machine is quiet), updating the latency columns")
+    ap.add_argument("--threads", type=int, default=2, help="threads for --relatency")
     args = ap.parse_args(argv)
 
     import vizoo
@@ -144,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = read_rows(Path(other))
         keys = {(r["model"], r["format"], r["precision"]) for r in extra}
         rows = [r for r in rows if (r["model"], r["format"], r["precision"]) not in keys] + extra
+    if args.relatency:
+        retime(rows, names, Path(args.out_dir), args.threads)
+        write_rows(rows, csv_path, md_path)
+        print(f"re-timed latency in {csv_path} and {md_path}")
+        return 0
     done = {(r["model"], r["format"], r["precision"]) for r in rows}
     todo = [n for n in names if args.redo or any((n, f, p) not in done for f in args.formats
                                                  for p in args.precision)]
@@ -161,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             new = failed_rows(name, args.formats, args.precision, e)
         for r in new:  # the machine's load when timed: latencies on a shared machine need it
             r["load_avg"] = round(os.getloadavg()[0], 1)
+            r["latency_threads"] = 2
         keys = {(r["model"], r["format"], r["precision"]) for r in new}
         rows = [r for r in rows if (r["model"], r["format"], r["precision"]) not in keys] + new
         rows.sort(key=lambda r: (order.get(r["model"], len(order)), r["format"], r["precision"]))

@@ -29,14 +29,18 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "vizoo", "train", "engine_tinynet", "--imports", "test_engine_tinynet",
            "--model-kwargs", "use_bn=false", *common, "--out", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
-    assert proc.stdout.count("run directory:") == 1  # only rank 0 reports and writes
-
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as f:  # a file, not a pipe: a full pipe would stall the workers
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    # the single-process reference runs while the two workers start up
     single = train(model="engine_tinynet", data="digits", img_size=8, epochs=1, batch_size=32, lr=1e-2,
                    warmup_epochs=0, progress="off", plots=False, model_kwargs={"use_bn": False},
                    out=str(tmp_path / "one"))
+    proc.wait(timeout=300)
+    output = log.read_text()
+    assert proc.returncode == 0, output[-3000:]
+    assert "2 process(es)" in output
+    assert output.count("run directory:") == 1  # only rank 0 reports and writes
     a, b = load_file(single.last_path), load_file(tmp_path / "ddp" / "last.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-3, f"2-process weights drift from 1-process weights by {worst}"

@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,23 +37,36 @@ def _same(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
-    unbroken = train(out=str(tmp_path / "unbroken"), **RECIPE)
-
-    out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS=str(torch.get_num_threads()))  # same threads: same float reductions
-    proc = subprocess.Popen([sys.executable, "-m", "vizoo", "train", *CLI, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    state = out / "last_state.pt"
-    deadline = time.time() + 240
-    while not state.exists():  # wait for the first checkpoint, then kill at a random moment after it
-        assert proc.poll() is None, f"training process died: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "no checkpoint appeared"
+def _kill_after_first_checkpoint(proc: subprocess.Popen, state: Path, outcome: dict) -> None:
+    """Wait for the first checkpoint, then SIGKILL at a random moment shortly after it."""
+    deadline = time.time() + 300
+    while not state.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            outcome["error"] = f"training process ended or stalled before a checkpoint (rc {proc.poll()})"
+            proc.kill()
+            return
         time.sleep(0.005)
     time.sleep(random.uniform(0.0, 0.05))
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    outcome["rc"] = proc.wait()
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))  # same threads: same float reductions
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "vizoo", "train", *CLI, "--out", str(out)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    outcome: dict = {}
+    killer = threading.Thread(target=_kill_after_first_checkpoint, args=(proc, out / "last_state.pt", outcome))
+    killer.start()
+    unbroken = train(out=str(tmp_path / "unbroken"), **RECIPE)  # meanwhile, the reference run
+    killer.join()
+    log.close()
+    assert "error" not in outcome, outcome.get("error", "") + (tmp_path / "killed.log").read_text()[-2000:]
+    assert outcome["rc"] == -signal.SIGKILL, "the run finished before it could be killed"
+    state = out / "last_state.pt"
     killed_at = torch.load(state, weights_only=True)
     total_updates = unbroken.history[-1]["updates"]
     assert 0 < killed_at["updates"] < total_updates, "the kill must land inside the run"

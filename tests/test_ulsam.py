@@ -109,6 +109,15 @@ def test_bn_momentum_default_is_the_official_0p9():
     assert ULSAM(8, 2, bn_momentum=0.1).bn_point.momentum == 0.1
 
 
+def test_attention_is_uniform_on_2x2_maps_and_not_on_3x3():
+    """Documented limit: the 3x3 max pool covers a whole 2x2 map, so every logit is equal."""
+    mod = _randomise(ULSAM(8, 2), seed=3).train()
+    attn = mod.attention(torch.randn(4, 8, 2, 2))
+    torch.testing.assert_close(attn, torch.full_like(attn, 0.25))
+    attn = mod.attention(torch.randn(4, 8, 3, 3))
+    assert (attn.amax(-1) - attn.amin(-1)).max() > 1e-2
+
+
 @pytest.mark.parametrize("m,g", [(8, 1), (32, 4), (96, 4), (512, 16)])
 def test_param_count_is_5m_plus_3g(m, g):
     assert count_params(ULSAM(m, g)) == 5 * m + 3 * g

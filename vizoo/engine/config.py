@@ -51,6 +51,8 @@ class TrainConfig:
     crop_pct: float | None = _f(None, "eval center-crop fraction (default: model's; 1.0 for digits)")
     augment: bool = _f(False, "training augmentation through timm.data.create_transform")
     aug_scale: list = _f([0.08, 1.0], "random-resized-crop area range (with --augment)", nargs=2, type=float)
+    aug_ratio: list = _f([0.75, 1.3333333333333333], "random-resized-crop aspect-ratio range (with --augment)",
+                         nargs=2, type=float)
     hflip: float = _f(0.5, "horizontal flip probability (with --augment)")
     color_jitter: float = _f(0.4, "colour jitter strength (with --augment)")
     auto_augment: str | None = _f(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (with --augment)")

@@ -184,7 +184,8 @@ class ClassificationTask(TaskAdapter):
                                 cfg.in_chans or _model_in_chans(model), crop)
         model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **dcfg.as_pretrained_cfg(),
                                 "num_classes": getattr(model, "num_classes", data.num_classes)}
-        aug = AugmentConfig(enabled=cfg.augment, scale=tuple(cfg.aug_scale), hflip=cfg.hflip,
+        aug = AugmentConfig(enabled=cfg.augment, scale=tuple(cfg.aug_scale), ratio=tuple(cfg.aug_ratio),
+                            hflip=cfg.hflip,
                             color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, re_prob=cfg.re_prob)
         for split, ds in list(data.splits.items()):
             training = split == "train"

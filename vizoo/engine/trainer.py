@@ -36,7 +36,7 @@ from .checkpoint import (RunPaths, capture_rng, load_state, plain_scheduler_stat
                          seed_everything)
 from .config import TrainConfig
 from .distributed import (DistEnv, all_gather_objects, all_reduce_sum, any_true, barrier, init_distributed,
-                          shutdown, unwrap, wrap_ddp)
+                          shutdown, wrap_ddp)
 from .freeze import apply_freeze, frozen_norm_layers
 from .metrics import write_jsonl
 from .tasks import TaskAdapter, TaskData, create_task, resolved_img_size

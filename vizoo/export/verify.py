@@ -8,7 +8,9 @@ export form of a layer) and names the one that explains the numbers.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -17,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.bundled import normalize, photo_images
-from .spec import ModelSpec
+from ..layers.export_mode import export_mode
+from .spec import ModelSpec, flatten_outputs
 
 class Unverifiable(Exception):
     """The file could not be run here (an op the reference executor lacks, no runtime
@@ -68,7 +71,15 @@ class Parity:
     per_output: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v != [] and v is not None}
+        """JSON-safe: non-finite numbers become the strings "inf"/"nan" (strict JSON has none)."""
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return str(v)
+            if isinstance(v, list):
+                return [{k: clean(x) for k, x in d.items()} for d in v]
+            return v
+
+        return {k: clean(v) for k, v in dataclasses.asdict(self).items() if v != [] and v is not None}
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -220,6 +231,24 @@ def verify_functions(functions: Sequence[RunFunction], spec: ModelSpec, precisio
     return result
 
 
+def float64_deviation(spec: ModelSpec, samples: Sequence[tuple[torch.Tensor, ...]]) -> float | None:
+    """How far PyTorch's float32 output is from a float64 run of the same model, relative to the
+    output range: the precision float32 arithmetic itself leaves for this model."""
+    try:
+        module64 = copy.deepcopy(spec.module).double()
+        ref32 = spec.reference(samples)
+        outs: list[list[np.ndarray]] = [[] for _ in ref32]
+        with torch.no_grad(), export_mode(module64):
+            for s in samples:
+                args = tuple(x.double() if x.is_floating_point() else x for x in s)
+                for k, y in enumerate(flatten_outputs(module64(*args))):
+                    outs[k].append(y.double().numpy())
+        ref64 = [np.concatenate(o) for o in outs]
+    except Exception:  # noqa: BLE001 - a model that cannot run in float64 gives no evidence
+        return None
+    return parity(ref64, ref32, classifier=False).rel_max_abs_diff
+
+
 def likely_cause(fn: RunFunction, spec: ModelSpec, precision: str, pin: ParityInputs,
                  ref: list[np.ndarray], ref_eager: list[np.ndarray] | None,
                  got: list[np.ndarray], k: int = 4) -> str:
@@ -233,6 +262,15 @@ def likely_cause(fn: RunFunction, spec: ModelSpec, precision: str, pin: ParityIn
             return (f"the export form of the ExportAware layers ({', '.join(spec.export_aware) or '?'}) "
                     f"differs from their eager form (rel. diff {pe.rel_max_abs_diff:.2g}); fix the "
                     "layer's `exporting` branch")
+    intrinsic = float64_deviation(spec, pin.samples[:n])
+    if (intrinsic is not None and intrinsic > BOUNDS["fp32"].rel_max_abs / 2
+            and base.rel_max_abs_diff < 20 * intrinsic):
+        rng = float(max(r[:rows].max() - r[:rows].min() for r in ref))
+        return (f"the model is numerically ill-conditioned at these weights: PyTorch's own float32 "
+                f"output differs from a float64 run by {intrinsic:.2g} of the output range (range "
+                f"{rng:.3g}; the file: {base.rel_max_abs_diff:.2g}), so no float32 file can match it "
+                f"to {BOUNDS['fp32'].rel_max_abs:g}. Typical of untrained weights whose activations "
+                "grow with depth; export trained weights")
     if spec.image_input and fn.kind == "tensor":
         c, h, w = spec.input_size
         suspects: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}

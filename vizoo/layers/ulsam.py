@@ -15,6 +15,10 @@ sub-modules; here the same math is written as 7 ops on the whole tensor (a depth
 per-channel anyway, and a 1x1 conv with ``groups=g`` lets output map n see only subspace n), which
 removes the Python loop, a chunk and a concat — better for latency and export. Official-layout
 state dicts load through :func:`ulsam_checkpoint_filter`.
+
+Small maps: on a map of 2x2 or smaller the 3x3 max pool gives every position the same value, so
+the attention is exactly uniform (ULSAM scales by 1 + 1/(h*w)) and its parameters get no
+gradient. MobileNet-V1's 14x14 stage is 2x2 at 32 px input: use >= 64 px for ULSAM to act.
 """
 from __future__ import annotations
 

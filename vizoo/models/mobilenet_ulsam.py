@@ -162,7 +162,8 @@ _NOTES = ("No official checkpoint: the ULSAM repo (Nandan91/ULSAM) publishes onl
           "Train with `vizoo train`. Checkpoints whose ULSAM layers use the official per-subspace "
           "layout (subspaces.{n}.*) load through the config's filter. The paper's top-1/params/MACs "
           "are for g=4 (other g under *_by_g); params/MACs differ from ours in absolute terms "
-          "(paper baselines 4.2M/569M for MV1, 3.4M/300M for MV2) but match as changes.")
+          "(paper baselines 4.2M/569M for MV1, 3.4M/300M for MV2) but match as changes. ULSAM is "
+          "inert on maps of 2x2 or less (MV1's 14x14 stage at 32 px input): train at >= 64 px.")
 
 
 def _cfg(**kwargs: Any) -> PretrainedCfg:
