@@ -68,3 +68,21 @@ def test_example_configs_are_valid():
     assert files, "configs/train_*.yaml examples are missing"
     for f in files:
         TrainConfig.from_yaml(f).validate()
+
+
+def test_digits_recipe_fills_only_unset_fields_and_only_for_digits(tmp_path):
+    from vizoo.engine.config import RECIPES
+
+    plain = TrainConfig()
+    cfg = config_from_args(_parse(["--data", "digits", "--lr", "0.01"]))
+    assert cfg.recipe == "digits" and cfg.lr == 0.01  # an explicit flag beats the recipe
+    assert cfg.smoothing == RECIPES["digits"]["smoothing"] != plain.smoothing
+    assert cfg.hflip == 0.0 and cfg.augment is True
+    folder = config_from_args(_parse(["--data", str(tmp_path)]))
+    assert folder.recipe == "none" and folder.smoothing == plain.smoothing and folder.augment is False
+    off = TrainConfig.from_dict({"model": "m", "recipe": "none"})
+    assert off.batch_size == plain.batch_size and off.ema is False
+    # the saved config reruns as it ran
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown recipe"):
+        TrainConfig.from_dict({"model": "m", "recipe": "imagenet"})

@@ -23,7 +23,7 @@ TESTS = Path(__file__).resolve().parent
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
     common = ["--data", "digits", "--img-size", "8", "--epochs", "1", "--batch-size", "32", "--lr", "1e-2",
-              "--warmup-epochs", "0", "--progress", "off", "--no-plots"]
+              "--warmup-epochs", "0", "--progress", "off", "--no-plots", "--recipe", "none"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -34,7 +34,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     # the single-process reference runs while the two workers start up
     single = train(model="engine_tinynet", data="digits", img_size=8, epochs=1, batch_size=32, lr=1e-2,
-                   warmup_epochs=0, progress="off", plots=False, model_kwargs={"use_bn": False},
+                   warmup_epochs=0, progress="off", plots=False, model_kwargs={"use_bn": False}, recipe="none",
                    out=str(tmp_path / "one"))
     proc.wait(timeout=300)
     output = log.read_text()

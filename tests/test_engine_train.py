@@ -16,7 +16,7 @@ from vizoo.engine.metrics import read_jsonl
 from vizoo.hub import load_model
 
 TINY = dict(model="engine_tinynet", data="digits", img_size=8, batch_size=64, lr=2e-2, warmup_epochs=0,
-            progress="off", plots=False)
+            progress="off", plots=False, recipe="none")  # engine mechanics, not the digits recipe
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ DEFAULT_MODEL = "mobilenetv2_100_evos0"
 
 
 def run_quickstart(model: str = DEFAULT_MODEL, out: str | Path = "runs/quickstart", epochs: int = 10,
-                   img_size: int = 32, batch_size: int = 64, formats: tuple[str, ...] = ("coreml", "tflite"),
+                   img_size: int = 32, batch_size: int | None = None, formats: tuple[str, ...] = ("coreml", "tflite"),
                    precisions: tuple[str, ...] = ("fp32", "int8"), threads: int = 2,
                    resume: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the main job and return (and write ``summary.json``) the figures of every stage."""
@@ -27,8 +27,9 @@ def run_quickstart(model: str = DEFAULT_MODEL, out: str | Path = "runs/quickstar
 
     out = Path(out)
     t0 = time.perf_counter()
-    result = train(model=model, data="digits", img_size=img_size, epochs=epochs, batch_size=batch_size,
-                   out=str(out / "train"), resume="auto" if resume else None, seed=seed)
+    recipe = {"batch_size": batch_size} if batch_size else {}  # else the digits recipe's
+    result = train(model=model, data="digits", img_size=img_size, epochs=epochs, out=str(out / "train"),
+                   resume="auto" if resume else None, seed=seed, **recipe)
     train_s = time.perf_counter() - t0
     ckpt = result.best_path or result.last_path
 
@@ -111,7 +112,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the digits recipe's (32)")
     p.add_argument("--format", nargs="+", default=["coreml", "tflite"])
     p.add_argument("--precision", nargs="+", default=["fp32", "int8"])
     p.add_argument("--threads", type=int, default=2)

@@ -512,16 +512,14 @@ def train(cfg: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = None
     """Train a model: ``train(TrainConfig(...))``, ``train({"model": ...})``, ``train("cfg.yaml")``
     or ``train(model="mobilenetv2_100_evos0", data="digits", epochs=10)``; keyword arguments
     override the config. Returns a `TrainResult` (run dir, last/best checkpoints, final metrics)."""
-    if cfg is None:
-        base = TrainConfig()
-    elif isinstance(cfg, TrainConfig):
-        base = cfg
-    elif isinstance(cfg, Mapping):
-        base = TrainConfig.from_dict(cfg)
+    if isinstance(cfg, TrainConfig):
+        base = cfg.replace(**kwargs)
+    elif cfg is None or isinstance(cfg, Mapping):
+        base = TrainConfig.from_dict({**(cfg or {}), **kwargs})
     else:
         base = TrainConfig.from_yaml(cfg)
-    if kwargs:
-        base = TrainConfig.from_dict({**base.to_dict(), **kwargs})
+        if kwargs:
+            base = TrainConfig.from_dict({**base.to_dict(), **kwargs})
     trainer = Trainer(base)
     try:
         return trainer.fit()
