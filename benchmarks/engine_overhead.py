@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="mobilenetv2_100_evos0")
     ap.add_argument("--img-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the steadiest per-step times)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(model=args.model, data="digits", img_size=args.img_size, batch_size=args.batch_size,
-                          epochs=args.rounds + 1, out=tmp, progress="off", weight_decay=0.05, lr=1e-3)
+                          epochs=args.rounds + 1, out=tmp, progress="off", weight_decay=0.05, lr=1e-3,
+                          recipe="none")
         trainer = Trainer(cfg)
         trainer.setup()
         train_set = trainer.data.splits["train"]

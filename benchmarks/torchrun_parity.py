@@ -1,6 +1,6 @@
 """One process vs `torchrun --nproc_per_node N` on the same command: same accuracy band?
 
-    python benchmarks/torchrun_parity.py [--model mobilenetv2_100_evos0] [--epochs 3] [--img-size 32] [--nproc 2]
+    python benchmarks/torchrun_parity.py [--model mobilenetv2_100_evos0] [--epochs 10] [--img-size 32] [--nproc 2]
 
 Runs `vizoo train` twice with identical flags (``--batch-size`` is the global batch, so both
 runs take the same optimizer steps on the same global batches) and prints the per-epoch val
@@ -34,9 +34,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mobilenetv2_100_evos0")
     ap.add_argument("--data", default="digits")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--img-size", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--band", type=float, default=2.0, help="allowed final top-1 gap in points")
     ap.add_argument("--out", default=None, help="keep the two run directories here")
