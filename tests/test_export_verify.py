@@ -121,3 +121,26 @@ def test_converter_messages_give_op_and_fix():
     assert op_from_message("Didn't find op for builtin opcode 'STABLEHLO_SORT' version '1'") == "STABLEHLO_SORT"
     assert "topk" in known_fix("STABLEHLO_SORT")
     assert "cos/sin" in known_fix("fft_rfft2")
+
+
+def test_labelled_inputs_report_accuracy_of_file_and_model():
+    from vizoo.export.verify import labelled_inputs
+
+    model = tiny_classifier()
+    spec = resolve_spec(model)
+    torch.manual_seed(1)
+    images = torch.rand(12, 3, 32, 32)
+    labels = torch.randint(0, 10, (12,))
+    pin = labelled_inputs(spec, images, labels)
+    ref = spec.reference(pin.samples)
+    flipped = _function(model, lambda x: x.flip(-1))  # a "file" that differs from the model
+    p = verify_functions([flipped], spec, "int8", pin, ref, None)["functions"]["serving_default"]["parity"]
+    with torch.no_grad():
+        x = normalize(torch.round(images * 255) / 255, MEAN, STD)
+        truth = labels.numpy()
+        expect_model = (model(x).argmax(1).numpy() == truth).mean()
+        expect_file = (model(x.flip(-1)).argmax(1).numpy() == truth).mean()
+    assert p["reference_accuracy"] == pytest.approx(expect_model)
+    assert p["accuracy"] == pytest.approx(expect_file)
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
+        labelled_inputs(spec, torch.rand(4, 3, 16, 16))

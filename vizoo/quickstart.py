@@ -36,8 +36,15 @@ def run_quickstart(model: str = DEFAULT_MODEL, out: str | Path = "runs/quickstar
     ev = evaluate(ckpt, data="digits", img_size=img_size, out_dir=out / "eval")
 
     trained = load_model(ckpt)
+    train_x, _ = digits_split("train", img_size, trained)
+    val_x, val_y = digits_split("val", img_size, trained)
+    # every file is verified on the held-out digits with their labels, so the report gives each
+    # file's accuracy beside PyTorch's. TFLite int8 is dynamic-range (int8 weights): the
+    # full-integer file of this EvoNorm net loses accuracy (`vizoo export --int8-mode full`
+    # calibrates on what you pass; here that would be the training digits)
     report = export_model(trained, formats=formats, precision=list(precisions), out_dir=out / "export",
-                          name=model, verify=True, latency=True, threads=threads)
+                          name=model, verify=True, calibration_data=train_x, verify_data=(val_x, val_y),
+                          latency=True, threads=threads, int8_mode="dynamic")
     summary = {
         "model": model,
         "train": {"epochs": epochs, "img_size": img_size, "seconds": round(train_s, 1),
@@ -52,13 +59,25 @@ def run_quickstart(model: str = DEFAULT_MODEL, out: str | Path = "runs/quickstar
     return summary
 
 
+def digits_split(split: str, img_size: int, model: Any) -> tuple[Any, Any]:
+    """One split of the bundled digits as (N, C, S, S) in [0, 1] (C: the model's) and labels."""
+    import torch
+
+    from .data.digits import DigitsDataset
+
+    chans = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3,))[0])
+    ds = DigitsDataset(split, img_size=img_size)
+    x = torch.from_numpy(ds._pixels).float().div(255).unsqueeze(1).expand(-1, chans, -1, -1)
+    return x.contiguous(), torch.tensor(ds.targets)
+
+
 def _result_row(r: Any) -> dict[str, Any]:
     parity = r.parity() if r.verification.get("functions") else {}
     return {"format": r.format, "precision": r.precision, "status": r.status, "reason": r.reason,
             "file": r.file, "size_mb": round(r.size_bytes / 1e6, 3) if r.size_bytes else None,
             "max_abs_diff": parity.get("max_abs_diff"), "cosine_min": parity.get("cosine_min"),
             "top1_agreement": parity.get("top1_agreement"),
-            "accuracy": parity.get("accuracy"),
+            "accuracy": parity.get("accuracy"), "pytorch_accuracy": parity.get("reference_accuracy"),
             "latency_ms": (r.latency or {}).get("median_ms")}
 
 
@@ -81,6 +100,8 @@ def format_summary(s: dict[str, Any]) -> str:
                  f"max|d| {r['max_abs_diff']:.2g}" if r["max_abs_diff"] is not None else "",
                  f"cos {r['cosine_min']:.5f}" if r["cosine_min"] is not None else "",
                  f"top-1 agree {_pct(r['top1_agreement'])}" if r["top1_agreement"] is not None else "",
+                 (f"accuracy {_pct(r['accuracy'])} (PyTorch {_pct(r['pytorch_accuracy'])})"
+                  if r.get("accuracy") is not None else ""),
                  f"latency {r['latency_ms']:.2f} ms" if r["latency_ms"] else ""]
         lines.append(f"{stage:<22} verified: " + ", ".join(p for p in parts if p))
     lines += ["", f"report: {s['report']}"]

@@ -20,7 +20,7 @@ from .errors import ConversionError, require
 from .formats import FORMATS, PRECISIONS, ExportFormat, all_options, get_format
 from .report import ExportReport, FormatResult, converter_versions, path_size
 from .spec import ModelSpec, resolve_spec
-from .verify import ParityInputs, Unverifiable, parity_inputs, verify_functions
+from .verify import ParityInputs, Unverifiable, labelled_inputs, parity_inputs, verify_functions
 
 
 def build_model(name: str, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
@@ -66,8 +66,8 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
                  input_size: Any = None, precision: str | Sequence[str] = "fp32",
                  out_dir: str | os.PathLike | None = None, verify: bool = True,
                  calibration_data: Any = None, *, name: str | None = None, batch_size: int = 1,
-                 verify_images: int = 64, latency: bool = True, threads: int = 2,
-                 **options: Any) -> ExportReport:
+                 verify_images: int = 64, verify_data: Any = None, latency: bool = True,
+                 threads: int = 2, **options: Any) -> ExportReport:
     """Export ``model`` to each format at each precision, verify each file, write report.json.
 
     ``model``: an nn.Module (vizoo, timm or your own; plain modules need ``input_size``) or a
@@ -75,7 +75,9 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
     default the model's ``pretrained_cfg['input_size']``. Shapes are static (batch
     ``batch_size``). ``precision``: "fp32", "fp16", "int8" or a list of them.
     ``calibration_data``: images for int8 (folder, or (N, C, H, W) in [0, 1]); default the
-    bundled photographs. ``options``: format options from :data:`vizoo.export.formats.FORMATS`
+    bundled photographs. ``verify_data``: your own images (N, C, H, W) in [0, 1], or
+    ``(images, labels)`` to also report each file's accuracy and its delta to PyTorch; default
+    ``verify_images`` bundled photographs. ``options``: format options from :data:`vizoo.export.formats.FORMATS`
     (``layout``, ``int8_mode``, ``coreml_inputs``, ``compress``).
     Returns the report (also written to ``out_dir/report.json``).
     """
@@ -93,7 +95,12 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
 
     pin = ref = ref_eager = None
     if verify:
-        pin = parity_inputs(spec, verify_images)
+        if verify_data is None:
+            pin = parity_inputs(spec, verify_images)
+        elif isinstance(verify_data, (tuple, list)):
+            pin = labelled_inputs(spec, *verify_data)
+        else:
+            pin = labelled_inputs(spec, verify_data)
         ref = spec.reference(pin.samples, export_form=True)
         ref_eager = spec.reference(pin.samples, export_form=False) if spec.export_aware else None
 
@@ -158,14 +165,21 @@ def _measure_latency(spec: ModelSpec, results: list[FormatResult], threads: int)
     from .bench import interleaved, torch_threads
     from .tflite import timed_invoke
 
-    files = [r for r in results if r.format == "tflite" and r.file]
+    files = [r for r in results if r.format == "tflite" and r.file and r.status != "failed"]
     with torch.no_grad(), torch_threads(threads):
         fns = {"torch": lambda: spec.module(*spec.example_inputs)}
-        fns.update({r.precision: timed_invoke(r.file, threads)[0] for r in files})
+        for r in files:
+            try:  # a file its runtime cannot invoke gets no latency, the others still do
+                fn = timed_invoke(r.file, threads)[0]
+                fn()
+                fns[r.precision] = fn
+            except Exception as e:  # noqa: BLE001
+                r.latency = {"error": f"{type(e).__name__}: {e}"}
         lat = interleaved(fns, rounds=3, runs=7, warmup=3, threads=threads, batch=spec.batch_size,
                           budget_s=60)
     for r in files:
-        r.latency = lat[r.precision].to_dict()
+        if r.precision in lat:
+            r.latency = lat[r.precision].to_dict()
     return lat["torch"].to_dict()
 
 

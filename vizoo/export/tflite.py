@@ -241,12 +241,17 @@ def timed_invoke(path: str | os.PathLike, threads: int = 2) -> tuple[Callable[[]
     it = Interpreter(model_path=str(path), num_threads=threads)
     it.allocate_tensors()
     details = it.get_input_details()
+    rng = np.random.default_rng(0)
     for d in details:
+        x = rng.standard_normal(d["shape"])
         if np.issubdtype(d["dtype"], np.integer):
-            x = np.zeros(d["shape"], d["dtype"])
-        else:
-            x = np.random.default_rng(0).standard_normal(d["shape"]).astype(d["dtype"])
-        it.set_tensor(d["index"], x)
+            # quantize a varied input: a constant one (zeros) makes per-group variances 0, and an
+            # int8 DIV by its zero point aborts the interpreter (EvoNorm-S0, full-integer files)
+            scale, zero_point = d.get("quantization", (0.0, 0))
+            info = np.iinfo(d["dtype"])
+            q = np.round(x / scale) + zero_point if scale else rng.integers(info.min, info.max, d["shape"])
+            x = np.clip(q, info.min, info.max)
+        it.set_tensor(d["index"], x.astype(d["dtype"]))
     return it.invoke, int(details[0]["shape"][0])
 
 

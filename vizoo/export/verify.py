@@ -68,6 +68,8 @@ class Parity:
     cosine_min: float
     cosine_mean: float
     top1_agreement: float | None = None
+    accuracy: float | None = None            # the file's top-1 on labelled inputs, when given
+    reference_accuracy: float | None = None  # PyTorch's on the same inputs
     per_output: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +136,30 @@ class ParityInputs:
     samples: list[tuple[torch.Tensor, ...]]
     images01: list[torch.Tensor] | None
     source: str
+    labels: torch.Tensor | None = None  # one class per image: accuracy next to parity
+
+
+def labelled_inputs(spec: ModelSpec, images01: torch.Tensor, labels: torch.Tensor | None = None,
+                    source: str = "images you gave") -> ParityInputs:
+    """Parity inputs from your own images (N, C, H, W) in [0, 1] at the model's input size, and
+    optionally their labels, so the report shows each file's accuracy beside PyTorch's."""
+    c, h, w = spec.input_size
+    b = spec.batch_size
+    if images01.ndim != 4 or tuple(images01.shape[1:]) != (c, h, w):
+        raise ValueError(f"verification images must be (N, {c}, {h}, {w}) in [0, 1] to match the "
+                         f"exported input; got {tuple(images01.shape)}")
+    if labels is not None and len(labels) != len(images01):
+        raise ValueError(f"{len(labels)} labels for {len(images01)} verification images")
+    n = len(images01) // b
+    if n == 0:
+        raise ValueError(f"need at least {b} verification images (the exported batch)")
+    x01 = torch.round(images01[:n * b].float().clamp(0, 1) * 255) / 255
+    extra = spec.example_inputs[1:]
+    images = [x01[i * b:(i + 1) * b].contiguous() for i in range(n)]
+    samples = [(normalize(img, spec.mean, spec.std).contiguous(), *extra) for img in images]
+    return ParityInputs(samples, images if len(spec.example_inputs) == 1 else None,
+                        f"{n * b} {source}" + (" (labelled)" if labels is not None else ""),
+                        labels[:n * b].long() if labels is not None else None)
 
 
 def parity_inputs(spec: ModelSpec, n: int = 64, seed: int = 0) -> ParityInputs:
@@ -213,6 +239,10 @@ def verify_functions(functions: Sequence[RunFunction], spec: ModelSpec, precisio
         got = run_all(fn, inputs[:n])
         rows = n * spec.batch_size  # reference rows are images; a sample holds batch_size of them
         p = parity([r[:rows] for r in ref], got, spec.classifier)
+        if pin.labels is not None and spec.classifier:
+            truth = pin.labels[:rows].numpy()
+            p.accuracy = float((got[0].reshape(rows, -1).argmax(-1) == truth).mean())
+            p.reference_accuracy = float((np.asarray(ref[0][:rows]).argmax(-1) == truth).mean())
         entry: dict[str, Any] = {"input": fn.kind, "parity": p.to_dict()}
         fails = bounds.failures(p)
         if ref_eager is not None:

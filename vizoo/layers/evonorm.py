@@ -94,8 +94,8 @@ def _group_average(t: torch.Tensor, groups: int) -> torch.Tensor:
     return grouped.mean(dim=2, keepdim=True).expand(b, groups, c // groups, 1).reshape(b, c, 1, 1)
 
 
-def group_std(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
-    """sqrt(biased var over (C/g, H, W) + eps), shape (B, C, 1, 1), in float32.
+def group_var(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Biased variance over (C/g, H, W), shape (B, C, 1, 1), in float32.
 
     Two passes with 4-D tensors only: the group mean is the average of per-channel spatial means
     (all channels have H·W elements), then the same for the squared deviations from it.
@@ -105,8 +105,19 @@ def group_std(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
     xf = x.float()
     mean = _group_average(xf.mean(dim=(2, 3), keepdim=True), groups)
     dev = xf - mean
-    var = _group_average((dev * dev).mean(dim=(2, 3), keepdim=True), groups)
-    return var.add(eps).sqrt()
+    return _group_average((dev * dev).mean(dim=(2, 3), keepdim=True), groups)
+
+
+def group_std(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """sqrt(`group_var` + eps), shape (B, C, 1, 1), in float32."""
+    return group_var(x, groups).add(eps).sqrt()
+
+
+def group_rstd(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """1 / `group_std` as one rsqrt. S0 multiplies by it instead of dividing by the std: the same
+    math, but it exports to a full-integer TFLite file (an int8 DIV aborts when the quantized
+    divisor rounds to its zero point; RSQRT has no such case)."""
+    return group_var(x, groups).add(eps).rsqrt()
 
 
 def _check_4d(x: torch.Tensor) -> None:
@@ -265,7 +276,7 @@ class EvoNorm2dS0(_GroupedEvoNorm):
         _check_4d(x)
         if self.apply_act:
             v = self.v.to(x.dtype).view(1, -1, 1, 1)
-            x = x * torch.sigmoid(x * v) / group_std(x, self.groups, self.eps).to(x.dtype)
+            x = x * torch.sigmoid(x * v) * group_rstd(x, self.groups, self.eps).to(x.dtype)
         return self._affine(x)
 
 
