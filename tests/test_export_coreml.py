@@ -6,21 +6,15 @@ import shutil
 import numpy as np
 import pytest
 
-from vizoo.export import export_model
 from vizoo.export.api import verify_file
 from vizoo.export.spec import resolve_spec
 
-from test_export_verify import MEAN, tiny_classifier
+from test_export_verify import MEAN, export_labelled_tiny
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("coreml")
-    model = tiny_classifier()
-    model.labels = [f"class_{i}" for i in range(10)]
-    report = export_model(model, formats="coreml", precision=("fp32", "fp16"), out_dir=out,
-                          name="tiny", latency=False)
-    return model, report, out
+    return export_labelled_tiny(tmp_path_factory.mktemp("coreml"), "coreml", ("fp32", "fp16"), latency=False)
 
 
 def test_fp32_package_verified_by_mil_executor(exported):

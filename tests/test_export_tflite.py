@@ -7,22 +7,16 @@ import pytest
 import torch
 
 from vizoo.data.bundled import normalize, photo_images
-from vizoo.export import export_model
 from vizoo.export.api import verify_file
 from vizoo.export.spec import resolve_spec
 from vizoo.export.tflite import read_metadata
 
-from test_export_verify import MEAN, STD, tiny_classifier
+from test_export_verify import MEAN, STD, export_labelled_tiny
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tflite")
-    model = tiny_classifier()
-    model.labels = [f"class_{i}" for i in range(10)]
-    report = export_model(model, formats="tflite", precision=("fp32", "int8"), out_dir=out,
-                          name="tiny", latency=True)
-    return model, report, out
+    return export_labelled_tiny(tmp_path_factory.mktemp("tflite"), "tflite", ("fp32", "int8"), latency=True)
 
 
 def test_fp32_file_matches_pytorch_on_64_real_images(exported):

@@ -23,6 +23,17 @@ def tiny_classifier(num_classes: int = 10) -> nn.Module:
     return m
 
 
+def export_labelled_tiny(out, formats: str, precisions: tuple[str, ...], latency: bool):
+    """The tiny classifier with class labels, exported: the fixture of the per-format tests."""
+    from vizoo.export import export_model
+
+    model = tiny_classifier()
+    model.labels = [f"class_{i}" for i in range(10)]
+    report = export_model(model, formats=formats, precision=precisions, out_dir=out, name="tiny",
+                          latency=latency)
+    return model, report, out
+
+
 def test_parity_metrics_match_direct_numpy():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((6, 5)).astype(np.float32)

@@ -38,6 +38,15 @@ def stratified_split(targets: np.ndarray | list[int], val_fraction: float,
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def digits_split_tensors(split: str = "val", img_size: int = 32, in_chans: int = 1, val_fraction: float = 0.2,
+                         split_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as (N, in_chans, S, S) in [0, 1] and labels: the very images `DigitsDataset`
+    holds for that split (e.g. to verify an exported file on the held-out digits)."""
+    ds = DigitsDataset(split, img_size, 1, val_fraction, split_seed)
+    x = torch.from_numpy(ds._pixels).float().div(255).unsqueeze(1).expand(-1, in_chans, -1, -1)
+    return x.contiguous(), torch.tensor(ds.targets)
+
+
 class DigitsDataset(Dataset):
     """``(PIL image, label)`` pairs of one split of the digits (``split`` in train/val/all)."""
 

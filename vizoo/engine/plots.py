@@ -15,9 +15,20 @@ def _pyplot():
     return plt
 
 
+def _save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out, write atomically (a crash never leaves half a PNG) and free the figure."""
+    from vizoo.io import atomic_path
+
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    _pyplot().close(fig)
+    return path
+
+
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
     """Loss (train, val), accuracy (top-1, top-5) and learning rate against epochs."""
-    from vizoo.io import atomic_path
 
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
@@ -42,12 +53,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     ax_acc.legend(loc="lower right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | os.PathLike,
@@ -55,7 +61,6 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     """Row-normalised confusion matrix (rows: true class); counts written in cells up to 30 classes."""
     import numpy as np
 
-    from vizoo.io import atomic_path
 
     plt = _pyplot()
     m = np.asarray(matrix, dtype=np.float64)
@@ -78,9 +83,4 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)

@@ -98,7 +98,7 @@ class TaskAdapter:
 
     def load_data(self, cfg: TrainConfig, splits: tuple[str, ...] = ("train", "val"),
                   labels: list[str] | None = None) -> TaskData:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement load_data (a task adapter's data)")
 
     def create_model(self, cfg: TrainConfig, data: TaskData) -> nn.Module:
         from vizoo.factory import create_model
@@ -118,13 +118,13 @@ class TaskAdapter:
         return _to_device(batch, device, channels_last)
 
     def train_step(self, model: nn.Module, batch: Any) -> StepOutput:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement train_step (loss of one batch)")
 
     def new_meter(self) -> Any:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement new_meter (evaluation state)")
 
     def eval_step(self, model: nn.Module, batch: Any, meter: Any) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement eval_step (update the meter)")
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
         return None
