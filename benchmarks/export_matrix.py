@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only re-time PyTorch eager and the TFLite files already exported (e.g. "
                          "when the machine is quiet), updating the latency columns")
     ap.add_argument("--threads", type=int, default=2, help="threads for --relatency")
+    ap.add_argument("--no-latency", dest="latency", action="store_false",
+                    help="export and verify only (time later with --relatency on a quiet machine)")
     args = ap.parse_args(argv)
 
     import vizoo
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             model = build_model(name)
             report = vizoo.export(model, formats=args.formats, precision=args.precision, name=name,
                                   out_dir=Path(args.out_dir) / name.replace(":", "_"),
-                                  verify_images=args.images)
+                                  verify_images=args.images, latency=args.latency)
             new = rows_from_report(report)
         except Exception as e:  # noqa: BLE001 - one model's failure must not stop the matrix
             new = failed_rows(name, args.formats, args.precision, e)

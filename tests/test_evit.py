@@ -286,6 +286,30 @@ def test_kept_patch_masks_shrink_and_png_is_written(tmp_path, sharp_tiny):
     assert img.width > 4 * 224 and img.height > 2 * 224
 
 
+def test_visualize_cli_writes_one_panel_per_reorganising_block(tmp_path, capsys):
+    from PIL import Image
+
+    from vizoo.cli import main
+    from vizoo.hub import save_model
+
+    model = vizoo.create_model(f"{SMALL32}.r0p7_fuse")
+    ckpt = save_model(model, tmp_path / "evit.safetensors")
+    photo = tmp_path / "photo.png"
+    Image.fromarray((photo_images(1, 64)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(photo)
+    out = tmp_path / "kept.png"
+    assert main(["visualize", str(photo), "--checkpoint", str(ckpt), "--photos", "3", "--out", str(out)]) == 0
+    reducing = sum(b.reorganizes for b in model.blocks)
+    assert reducing == 3
+    panel, gap = 32, 4  # input + one panel per reorganising block, 4 px apart; 16 px title band
+    for path, rows in ((out, 1), (tmp_path / "kept_photos.png", 3)):
+        img = Image.open(path)
+        assert img.width == (1 + reducing) * (panel + gap) - gap
+        assert img.height == 16 + rows * (panel + 4)
+    assert "kept_photos.png" in capsys.readouterr().out
+    assert main(["visualize", "mobilenetv2_100_evos0", "--photos", "1", "--out", str(out)]) == 2
+    assert "does not reorganise tokens" in capsys.readouterr().err
+
+
 # --- exported files -------------------------------------------------------------------------------
 
 def test_exported_tflite_and_coreml_match_eager(tmp_path):

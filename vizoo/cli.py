@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "vizoo.engine.cli",
     "vizoo.export.cli",
     "vizoo.quickstart",
+    "vizoo.visualize",
 )
 
 

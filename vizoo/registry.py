@@ -131,6 +131,7 @@ def _unknown(name: str) -> UnknownModelError:
 
 def is_model(name: str) -> bool:
     arch, tag = split_model_name_tag(name)
+    _import_models()
     return arch in _entrypoints and (not tag or tag in _cfgs.get(arch, {}))
 
 
