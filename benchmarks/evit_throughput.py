@@ -116,13 +116,13 @@ def eager_rows(base, evit, batch: int, threads: int, rounds: int) -> list[dict]:
     return [_row("pytorch-eager", labels[k], k, batch, threads, wall, cpu, "") for k in wall]
 
 
-def convert_tflite(module: torch.nn.Module, path: Path, export: bool, reuse: bool) -> Path:
+def convert_tflite(module: torch.nn.Module, path: Path, export: bool, reuse: bool, batch: int = 1) -> Path:
     import litert_torch
 
     if reuse and path.is_file():
         return path
     litert_torch.config.show_progress = False
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(batch, 3, 224, 224)
     with torch.no_grad(), export_mode(module, enabled=export):
         litert_torch.convert(module.eval(), (x,)).export(str(path))
     return path
@@ -143,35 +143,38 @@ def tflite_runner(path: Path, threads: int):
     return run
 
 
-def parity(run, model, images: torch.Tensor) -> float:
+def parity(run, model, images: torch.Tensor, batch: int = 1) -> float:
     """Max |TFLite - eager PyTorch| over real photographs (a different kept token would show as a
     large difference)."""
     worst = 0.0
     with torch.no_grad():
         ref = model(images).numpy()
-    for i in range(len(images)):
-        worst = max(worst, float(np.abs(run(images[i:i + 1].numpy()) - ref[i:i + 1]).max()))
+    for i in range(0, len(images) - batch + 1, batch):
+        worst = max(worst, float(np.abs(run(images[i:i + batch].numpy()) - ref[i:i + batch]).max()))
     return worst
 
 
-def tflite_rows(base, evit, forms, threads: int, rounds: int, calls: int, work: Path, reuse: bool) -> list[dict]:
+def tflite_rows(base, evit, forms, threads: int, rounds: int, calls: int, work: Path, reuse: bool,
+                batch: int = 1) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     cfg = evit.pretrained_cfg
     images = normalize(photo_images(8, 224), cfg["mean"], cfg["std"])
-    files = {"deit": convert_tflite(base, work / "deit_small.tflite", False, reuse)}
+    tag = f"_b{batch}" if batch > 1 else ""
+    files = {"deit": convert_tflite(base, work / f"deit_small{tag}.tflite", False, reuse, batch)}
     for form in tqdm(forms, desc="converting"):
         for blk in evit.reorg_blocks:
             blk.reorg.export_form = form
-        files[form] = convert_tflite(evit, work / f"evit_r0p7_fuse_{form}.tflite", True, reuse)
-    files["slice"] = convert_tflite(fixed_slice_copy(evit), work / "evit_r0p7_fuse_fixed_slice.tflite", True, reuse)
+        files[form] = convert_tflite(evit, work / f"evit_r0p7_fuse_{form}{tag}.tflite", True, reuse, batch)
+    files["slice"] = convert_tflite(fixed_slice_copy(evit), work / f"evit_r0p7_fuse_fixed_slice{tag}.tflite",
+                                    True, reuse, batch)
     for blk in evit.reorg_blocks:
         blk.reorg.export_form = "rank_matmul"
     runners = {k: tflite_runner(p, threads) for k, p in files.items()}
-    checks = {"deit": parity(runners["deit"], base, images)}
-    checks.update({f: parity(runners[f], evit, images) for f in forms})
-    x = images[:1].numpy()
+    checks = {"deit": parity(runners["deit"], base, images, batch)}
+    checks.update({f: parity(runners[f], evit, images, batch) for f in forms})
+    x = images[:batch].numpy()
     wall, cpu = interleaved({k: (lambda r=r: r(x)) for k, r in runners.items()}, rounds, calls,
-                            f"TFLite, batch 1, {threads} threads")
+                            f"TFLite, batch {batch}, {threads} threads")
     rows = []
     for key in runners:
         if key == "deit":
@@ -181,7 +184,7 @@ def tflite_rows(base, evit, forms, threads: int, rounds: int, calls: int, work: 
         else:
             label = f"EViT r=0.7 fused ({key})"
         check = f"max|tflite-eager| {checks[key]:.1e}" if key in checks else "n/a (reference)"
-        rows.append(_row("tflite-xnnpack", label, key, 1, threads, wall, cpu, check))
+        rows.append(_row("tflite-xnnpack", label, key, batch, threads, wall, cpu, check))
     return rows
 
 
@@ -202,56 +205,9 @@ def profile_eager(base, evit, batch: int, threads: int) -> str:
     return "\n\n".join(out)
 
 
-@torch.no_grad()
-def fp16_token_changes(checkpoint: str, max_images: int = 2000) -> list[dict]:
-    """How often fp16 changes the kept patches of a trained EViT, on the real bundled digits.
-
-    Two deployments: fp16 weights with fp32 compute (TFLite fp16 files on XNNPACK), and fp16
-    compute (CoreML FLOAT16 on the GPU / Neural Engine), simulated in PyTorch. Kept patches are
-    compared per (image, reorganising block) as sets of original patch indices.
-    """
-    import copy
-
-    from vizoo.data.bundled import digits_arrays
-    from vizoo.hub import load_model
-    from vizoo.models.evit_visualize import kept_patch_masks
-
-    model = load_model(checkpoint).eval()
-    cfg = model.pretrained_cfg
-    c, h, _ = cfg["input_size"]
-    x01, _ = digits_arrays(h, c)
-    x = normalize(x01[:max_images], cfg["mean"], cfg["std"])
-    weights16 = copy.deepcopy(model)
-    for p_ in weights16.parameters():
-        p_.data = p_.data.half().float()
-    compute16 = copy.deepcopy(model).half()
-
-    def run(m, dtype):  # masks and logits, in chunks
-        outs = [(kept_patch_masks(m, c.to(dtype)), m(c.to(dtype)).float()) for c in x.split(128)]
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-
-    ref_masks, ref_logits = run(model, torch.float32)
-    rows = []
-    for label, m, dtype in (("fp16 weights, fp32 compute (TFLite fp16)", weights16, torch.float32),
-                            ("fp16 compute (CoreML FLOAT16)", compute16, torch.float16)):
-        masks, logits = run(m, dtype)
-        diff = masks != ref_masks  # (N, blocks, gh, gw)
-        changed = diff.flatten(2).any(-1)  # (N, blocks)
-        moved = diff.flatten(2).sum(-1).float()[changed]
-        rows.append(dict(
-            deployment=label, images=len(x), blocks=masks.shape[1],
-            images_with_a_change=f"{changed.any(1).float().mean().item():.1%}",
-            image_block_pairs_changed=f"{changed.float().mean().item():.1%}",
-            per_block=" / ".join(f"{v:.1%}" for v in changed.float().mean(0).tolist()),
-            patches_differing_when_changed=round(moved.mean().item(), 2) if moved.numel() else 0.0,
-            top1_agreement=f"{(logits.argmax(1) == ref_logits.argmax(1)).float().mean().item():.2%}"))
-    return rows
-
-
-def write_results(rows: list[dict], notes: list[str], profile: str, fp16_rows: list[dict] | None = None,
-                  fp16_source: str = "") -> None:
+def write_results(rows: list[dict], notes: list[str], profile: str, stem: str = "evit_throughput") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "evit_throughput.csv", "w", newline="") as f:
+    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -260,15 +216,9 @@ def write_results(rows: list[dict], notes: list[str], profile: str, fp16_rows: l
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     lines += [""] + [f"- {n}" for n in notes]
-    if fp16_rows:
-        fcols = list(fp16_rows[0])
-        lines += ["", "## fp16 and the kept tokens", "", f"Trained model: `{fp16_source}`; kept patches "
-                  "compared with fp32 eager per (image, reorganising block).", "",
-                  "| " + " | ".join(fcols) + " |", "|" + "---|" * len(fcols)]
-        lines += ["| " + " | ".join(str(r[c]) for c in fcols) + " |" for r in fp16_rows]
     if profile:
         lines += ["", "## Profile (PyTorch eager)", "", profile]
-    (RESULTS / "evit_throughput.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,15 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager-rounds", type=int, default=5)
     p.add_argument("--tflite-rounds", type=int, default=9)
     p.add_argument("--tflite-calls", type=int, default=10, help="invocations per candidate per round")
+    p.add_argument("--tflite-batch", type=int, default=1, choices=(1, 2, 4, 8),
+                   help="TFLite batch (the goal is stated at 1; larger batches share the weight reads)")
     p.add_argument("--forms", nargs="*", default=list(EXPORT_FORMS), choices=EXPORT_FORMS)
     p.add_argument("--skip-eager", action="store_true")
     p.add_argument("--skip-tflite", action="store_true")
     p.add_argument("--work-dir", default="runs/bench_evit", help="where the .tflite files go")
     p.add_argument("--reuse", action="store_true", help="reuse .tflite files already in --work-dir")
+    p.add_argument("--results-stem", default="evit_throughput", help="benchmarks/results/STEM.{md,csv}")
     p.add_argument("--profile", action="store_true", help="add a PyTorch op profile to the report")
-    p.add_argument("--fp16-checkpoint", default=None,
-                   help="a trained EViT checkpoint (e.g. runs/evit_vit_tiny_digits/best.safetensors): "
-                        "report how often fp16 changes its kept tokens on the bundled digits")
     args = p.parse_args(argv)
 
     base, evit = build_pair(args.model, args.baseline, args.weights, args.seed)
@@ -299,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += eager_rows(base, evit, args.batch, args.threads, args.eager_rounds)
     if not args.skip_tflite:
         rows += tflite_rows(base, evit, args.forms, args.threads, args.tflite_rounds, args.tflite_calls,
-                            Path(args.work_dir), args.reuse)
+                            Path(args.work_dir), args.reuse, args.tflite_batch)
     if not rows:
         print("nothing measured (both --skip-eager and --skip-tflite)", file=sys.stderr)
         return 2
@@ -317,18 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         "paper: +50% throughput at r = 0.7 (GPU, batch 64, fp32); goal here >= 1.45x in both runtimes.",
         "parity: max abs logit difference between the .tflite file and eager PyTorch over 8 real photos.",
     ]
-    write_results(rows, notes, "")  # the timings are safe on disk before the optional extras
-    if args.fp16_checkpoint or args.profile:
-        fp16_rows = fp16_token_changes(args.fp16_checkpoint) if args.fp16_checkpoint else None
-        profile = profile_eager(base, evit, args.batch, args.threads) if args.profile else ""
-        write_results(rows, notes, profile, fp16_rows, args.fp16_checkpoint or "")
-        for r in fp16_rows or []:
-            print(r)
+    write_results(rows, notes, "", args.results_stem)  # the timings are safe on disk before the optional extras
+    if args.profile:
+        write_results(rows, notes, profile_eager(base, evit, args.batch, args.threads), args.results_stem)
     cols = list(rows[0])
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
-    print(f"written: {RESULTS / 'evit_throughput.md'}")
+    print(f"written: {RESULTS / (args.results_stem + '.md')}")
     return 0
 
 
