@@ -119,13 +119,16 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    from .engine.config import RECIPES
+
     p = subparsers.add_parser("quickstart", help="main job: train -> evaluate -> export -> verify -> "
                               "benchmark on the bundled digits")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=None, help="default: the digits recipe's (32)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"default: the digits recipe's ({RECIPES['digits']['batch_size']})")
     p.add_argument("--format", nargs="+", default=["coreml", "tflite"])
     p.add_argument("--precision", nargs="+", default=["fp32", "int8"])
     p.add_argument("--threads", type=int, default=2)
