@@ -83,3 +83,29 @@ def test_corrupted_weight_in_file_fails_verification(exported, tmp_path):
     status, reason, details = verify_file("tflite", bad, resolve_spec(model), "fp32")
     assert status == "failed" and "parity out of bounds" in reason
     assert details["functions"]["serving_default"]["parity"]["max_abs_diff"] > 0.5
+
+
+class _ConstantOnTheLeft(torch.nn.Module):
+    """A conv, then a constant matrix applied from the left (like AFFNet's DFT form), a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("mix", torch.randn(32, 32) / 32 ** 0.5)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.matmul(self.mix, self.conv(x).relu())
+        return self.head(y.mean((2, 3)))
+
+
+def test_dynamic_int8_file_with_a_constant_matmul_operand_loads_and_verifies(tmp_path):
+    import vizoo
+
+    torch.manual_seed(0)
+    model = _ConstantOnTheLeft().eval()
+    report = vizoo.export(model, formats="tflite", precision="int8", input_size=(3, 32, 32), out_dir=tmp_path,
+                          verify_images=8, latency=False, int8_mode="dynamic")
+    r = report.result("tflite", "int8")
+    assert r.status == "ok", r.reason                 # the runtime refused an int8 BATCH_MATMUL LHS before
+    assert r.parity()["cosine_min"] >= 0.95

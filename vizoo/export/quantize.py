@@ -102,11 +102,19 @@ def tflite_fp16(fp32: bytes) -> bytes:
     return bytes(q.quantize(enable_progress_report=False).quantized_model)
 
 
-def tflite_int8_dynamic(fp32: bytes) -> bytes:
-    """int8 weights, activations quantized at run time (float I/O)."""
-    from ai_edge_quantizer import quantizer, recipe
+#: Ops whose constant weights dynamic-range int8 quantizes. Not BATCH_MATMUL: a constant on its
+#: left (AFFNet's DFT matrices) becomes an int8 LHS, which the TFLite kernel refuses at load time.
+DYNAMIC_INT8_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
 
-    q = quantizer.Quantizer(bytearray(fp32), recipe.dynamic_wi8_afp32())
+
+def tflite_int8_dynamic(fp32: bytes) -> bytes:
+    """int8 weights (per channel) of the weight layers, activations quantized at run time (float I/O)."""
+    from ai_edge_quantizer import qtyping, quantizer, recipe_manager
+
+    manager = recipe_manager.RecipeManager()
+    for op in DYNAMIC_INT8_OPS:
+        manager.add_dynamic_config(regex=".*", operation_name=qtyping.TFLOperationName[op], num_bits=8)
+    q = quantizer.Quantizer(bytearray(fp32), manager.get_quantization_recipe())
     return bytes(q.quantize(enable_progress_report=False).quantized_model)
 
 
