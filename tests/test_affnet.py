@@ -11,7 +11,7 @@ from vizoo.layers.aff import AdaptiveFrequencyFilter
 from vizoo.layers.dft import hermitian_project, irfft2_ortho, rfft2_ortho
 from vizoo.layers.export_mode import export_mode
 
-SIZES = [(32, 32), (16, 9), (8, 8), (7, 7), (14, 10), (5, 9), (1, 4)]
+SIZES = [(32, 32), (16, 9), (8, 8), (7, 7), (14, 10), (5, 9), (1, 4), (1, 1)]
 
 # Spec §2.3: exact parameter counts of the official module tree, and MACs without FFTs.
 EXPECTED = {"affnet_et": (1_436_264, 0.357), "affnet_t": (2_654_232, 0.787), "affnet": (5_568_696, 1.455)}
@@ -278,3 +278,17 @@ def test_head_width_is_capped_at_960():
     assert model.forward_head(torch.randn(1, 960, 2, 2), pre_logits=True).shape == (1, 960)
     model.reset_classifier(5)
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 5) and math.isclose(model.drop_rate, 0.1)
+
+
+def test_coreml_export_at_32px_with_1x1_maps_verifies(tmp_path):
+    """At 32 px input AFFNet's last stage runs on 1x1 maps, where coremltools 9's
+    reduce_transposes pass emits an invalid reshape; the exporter retries without it and the MIL
+    executor checks the result (the digits recipe trains affnet_et at 32 px)."""
+    torch.manual_seed(0)
+    model = vizoo.create_model("affnet_et", num_classes=10).eval()
+    report = vizoo.export(model, formats="coreml", input_size=(3, 32, 32), out_dir=tmp_path, verify_images=4,
+                          latency=False, coreml_inputs="tensor")
+    r = report.result("coreml", "fp32")
+    assert r.status == "ok", r.reason
+    assert r.details["skipped_graph_passes"] == ["common::reduce_transposes"]
+    assert r.parity()["rel_max_abs_diff"] <= 1e-4 and r.parity()["top1_agreement"] == 1.0

@@ -25,6 +25,11 @@ from .verify import RunFunction, Unverifiable
 
 IMAGE_FUNCTION, TENSOR_FUNCTION = "main", "tensor"
 
+#: coremltools graph passes that break on some valid graphs, keyed by the error they raise; a
+#: conversion that fails so is retried without that pass (the MIL executor still verifies it).
+#: reduce_transposes: AFFNet at 32 px (1x1 maps) -> "Invalid target shape in `reshape`" (9.0).
+PASS_WORKAROUNDS = {"Invalid target shape in `reshape`": "common::reduce_transposes"}
+
 
 def _exported(spec: ModelSpec, image: bool) -> Any:
     """The torch.export program (cached on the spec: every precision converts the same one)."""
@@ -68,10 +73,22 @@ def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any) -> A
         inputs = [ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32)
                   for n, x in zip(spec.input_names, spec.example_inputs)]
         kwargs["outputs"] = [ct.TensorType(name=n, dtype=np.float32) for n in spec.output_names]
+    kwargs.update(inputs=inputs, minimum_deployment_target=target, compute_precision=compute,
+                  convert_to="mlprogram")
     try:
-        return ct.convert(ep, inputs=inputs, minimum_deployment_target=target, compute_precision=compute,
-                          convert_to="mlprogram", **kwargs)
+        return ct.convert(ep, **kwargs)
     except Exception as e:  # noqa: BLE001
+        skip = next((name for msg, name in PASS_WORKAROUNDS.items() if msg in str(e)), None)
+        if skip:
+            pipeline = ct.PassPipeline.DEFAULT
+            pipeline.remove_passes([skip])
+            try:
+                mlmodel = ct.convert(ep, pass_pipeline=pipeline, **kwargs)
+            except Exception:  # noqa: BLE001 - report the original error below
+                pass
+            else:
+                spec.cache["coreml_skipped_passes"] = [skip]
+                return mlmodel
         with export_mode(spec.model):
             raise diagnose(e, "coreml", spec.module, spec.example_inputs, _convert_module) from e
 
@@ -128,6 +145,7 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
     return {"functions": {name: "image" if name == image_fn else "tensor" for name in functions},
             "compute_precision": "fp32" if precision == "fp32" else "fp16",
             "weight_compression": compress, "minimum_deployment_target": target.name,
+            "skipped_graph_passes": spec.cache.get("coreml_skipped_passes", []),
             # compressed weights are judged with the int8 bounds, whatever the compute precision
             "judged_as": "int8" if compress != "none" else precision,
             "input_layout": "NCHW (tensor function); image (ImageType) for the image function"}

@@ -86,6 +86,8 @@ def rfft2_ortho_nhwc(x: torch.Tensor) -> torch.Tensor:
     if x.ndim != 4:
         raise ValueError(f"expected a channels-last [B, H, W, C] tensor, got shape {tuple(x.shape)}")
     _, height, width, _ = x.shape
+    if height == width == 1:  # the DFT of one point is itself; no size-1 matmuls for converters
+        return torch.stack([x, torch.zeros_like(x)], dim=2)            # [B, 1, 2, 1, C]
     k_w = num_rfft_cols(width)
     a = _matrix("fwd_w", height, width, x) @ x                        # [B, H, 2K, C]
     a = a.unflatten(2, (2, k_w)).permute(0, 3, 2, 1, 4)               # [B, K, 2, H, C]
@@ -100,6 +102,8 @@ def irfft2_ortho_nhwc(spec: torch.Tensor, width: int) -> torch.Tensor:
         raise ValueError(f"packed spectrum must be [B, {num_rfft_cols(width)}, 2, H, C] for width "
                          f"{width}, got {tuple(spec.shape)}")
     _, k_w, _, height, _ = spec.shape
+    if height == width == 1:  # real part of the one point (C2R semantics)
+        return spec[:, :, 0]                                          # [B, 1, 1, C]
     b = _matrix("inv_h", height, width, spec) @ spec.flatten(2, 3)   # [B, K, 2H, C]
     b = b.unflatten(2, (2, height)).permute(0, 3, 2, 1, 4)            # [B, H, 2, K, C]
     return _matrix("inv_w", height, width, spec) @ b.flatten(2, 3)    # [B, H, W, C]
