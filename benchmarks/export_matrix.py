@@ -230,10 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                                   out_dir=Path(args.out_dir) / name.replace(":", "_"),
                                   verify_images=args.images, latency=args.latency, int8_mode=args.int8_mode)
             new = rows_from_report(report)
-            if args.int8_mode != "full":  # its own rows beside the full-integer ones
-                for r in new:
-                    if r["precision"] == "int8":
-                        r["precision"] = f"int8-{args.int8_mode}"
+            for r in new:  # dynamic-range int8 gets its own rows beside the full-integer ones
+                r["precision"] = label.get(r["precision"], r["precision"])
         except Exception as e:  # noqa: BLE001 - one model's failure must not stop the matrix
             new = failed_rows(name, args.formats, args.precision, e)
         for r in new:  # the machine's load when timed: latencies on a shared machine need it

@@ -50,11 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             for fn in r.verification.get("functions", {}).values():
                 par = fn["parity"]
                 acc, ref = par.get("accuracy"), par.get("reference_accuracy")
+                accuracy = f"{ref:.2%} | {acc:.2%}" if acc is not None else " | "
                 lines.append(f"| {ckpt} | {report.model} | {size} | {r.format} ({fn['input']}) | {kind} | {r.status} | "
-                             f"{ref:.2%} | {acc:.2%} | {par['cosine_min']:.4f} | {par['top1_agreement']:.1%} |"
-                             if acc is not None else
-                             f"| {ckpt} | {report.model} | {size} | {r.format} ({fn['input']}) | {kind} | {r.status} "
-                             f"| | | {par['cosine_min']:.4f} | {par['top1_agreement']:.1%} |")
+                             f"{accuracy} | {par['cosine_min']:.4f} | {par['top1_agreement']:.1%} |")
             if not r.verification.get("functions"):
                 lines.append(f"| {ckpt} | {report.model} | {size} | {r.format} | {kind} | {r.status}: "
                              f"{r.reason[:120]} | | | | |")
