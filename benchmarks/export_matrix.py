@@ -215,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     done = {(r["model"], r["format"], r["precision"]) for r in rows}
     dynamic = args.int8_mode != "full"
-    label = {p: (f"int8-{args.int8_mode}" if p == "int8" and dynamic else p) for p in args.precision}
-    todo = [n for n in names if args.redo or any((n, f, label[p]) not in done for f in args.formats
+
+    def label(fmt: str, precision: str) -> str:  # only TFLite has an int8 mode; CoreML int8 is 8-bit weights
+        return f"int8-{args.int8_mode}" if precision == "int8" and dynamic and fmt == "tflite" else precision
+
+    todo = [n for n in names if args.redo or any((n, f, label(f, p)) not in done for f in args.formats
                                                  for p in args.precision)]
     print(f"{len(names)} models, {len(names) - len(todo)} already done ({csv_path})")
     order = {n: i for i, n in enumerate(names)}
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                                   verify_images=args.images, latency=args.latency, int8_mode=args.int8_mode)
             new = rows_from_report(report)
             for r in new:  # dynamic-range int8 gets its own rows beside the full-integer ones
-                r["precision"] = label.get(r["precision"], r["precision"])
+                r["precision"] = label(r["format"], r["precision"])
         except Exception as e:  # noqa: BLE001 - one model's failure must not stop the matrix
             new = failed_rows(name, args.formats, args.precision, e)
         for r in new:  # the machine's load when timed: latencies on a shared machine need it

@@ -62,6 +62,8 @@ def test_int8_full_integer_within_stated_bounds(exported):
     r = report.result("tflite", "int8")
     assert r.status == "ok", r.reason
     assert r.details["io"]["inputs"][0]["dtype"] == "int8"          # full integer, int8 I/O
+    assert r.details["int8_mode"] == "full"                          # auto kept the first mode
+    assert [a["int8_mode"] for a in r.details["int8_attempts"]] == ["full"]
     p = r.parity()
     assert p["cosine_min"] >= r.verification["bounds"]["cosine_min"] == 0.95
     assert p["top1_agreement"] >= 0.75
@@ -109,3 +111,69 @@ def test_dynamic_int8_file_with_a_constant_matmul_operand_loads_and_verifies(tmp
     r = report.result("tflite", "int8")
     assert r.status == "ok", r.reason                 # the runtime refused an int8 BATCH_MATMUL LHS before
     assert r.parity()["cosine_min"] >= 0.95
+
+
+def _op_input_types(path) -> dict[str, set[str]]:
+    """Type of the first input of every op in a .tflite, read from the flatbuffer schema."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    model = fb.Model.GetRootAsModel(open(path, "rb").read(), 0)
+    op_names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k for k, v in vars(fb.TensorType).items() if not k.startswith("_")}
+    graph, out = model.Subgraphs(0), {}
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        name = op_names[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())]
+        out.setdefault(name, set()).add(type_names[graph.Tensors(op.Inputs(0)).Type()])
+    return out
+
+
+def test_mixed_int8_runs_weight_layers_in_int8_and_softmax_in_float(tmp_path):
+    """The mode for ViTs: matmul layers int8, attention softmax and norms float, and closer to
+    PyTorch than full integer on the same calibration (random weights: neither meets the bound,
+    whose top-1 criterion needs a trained model; benchmarks/int8_trained.py measures that)."""
+    import timm
+
+    import vizoo
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2,
+                            num_heads=2, num_classes=10).eval()
+    cos = {}
+    for mode in ("full", "mixed"):
+        report = vizoo.export(vit, formats="tflite", precision="int8", input_size=(3, 32, 32),
+                              out_dir=tmp_path / mode, verify_images=16, latency=False, int8_mode=mode)
+        r = report.result("tflite", "int8")
+        assert r.details["quantization"]["int8_mode"] == mode
+        cos[mode] = r.parity()["cosine_mean"]
+    assert r.details["io"]["inputs"][0]["dtype"] == "float32"       # mixed: float I/O
+    types = _op_input_types(r.file)
+    assert types["FULLY_CONNECTED"] == {"INT8"} and types["CONV_2D"] == {"INT8"}
+    assert types["SOFTMAX"] == {"FLOAT32"}
+    assert cos["mixed"] > cos["full"]
+
+
+def test_int8_auto_falls_back_and_says_why(tmp_path):
+    """Calibrated on flat grey frames, the activation ranges are useless for photographs: full and
+    mixed int8 miss the bound, auto goes on to dynamic range (no calibration) and keeps it."""
+    import vizoo
+
+    from test_export_verify import MEAN, STD
+
+    torch.manual_seed(0)  # unbounded activations (ReLU, not ReLU6): their ranges come from calibration
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
+    model.pretrained_cfg = {"input_size": (3, 32, 32), "mean": MEAN, "std": STD, "num_classes": 10}
+    gray = torch.full((8, 3, 32, 32), 0.45)   # ~ the mean colour: normalised to almost zero
+    report = vizoo.export(model, formats="tflite", precision="int8", out_dir=tmp_path,
+                          calibration_data=gray, verify_images=32, latency=False)
+    r = report.result("tflite", "int8")
+    attempts = r.details["int8_attempts"]
+    assert [a["int8_mode"] for a in attempts] == ["full", "mixed", "dynamic"]
+    assert [a["status"] for a in attempts] == ["failed", "failed", "ok"]
+    assert "parity out of bounds" in attempts[0]["reason"]
+    assert r.status == "ok" and r.details["int8_mode"] == "dynamic"
+    assert r.reason.startswith("int8_mode auto chose dynamic (full: ")
+    assert json.loads((tmp_path / "report.json").read_text())["results"][0]["details"]["int8_mode"] == "dynamic"

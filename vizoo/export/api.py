@@ -108,7 +108,10 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
     jobs = [(f, p) for f in fmts for p in precisions]
     for fmt, prec in tqdm(jobs, desc=f"export {spec.name}", disable=len(jobs) < 2):
         opts = fmt.resolve_options({k: v for k, v in options.items() if k in fmt.options})
-        results.append(_export_one(spec, fmt, prec, opts, out, calibration_data, pin, ref, ref_eager))
+        if prec == "int8" and opts.get("int8_mode") == "auto":
+            results.append(_export_int8_auto(spec, fmt, opts, out, calibration_data, pin, ref, ref_eager))
+        else:
+            results.append(_export_one(spec, fmt, prec, opts, out, calibration_data, pin, ref, ref_eager))
 
     torch_lat = _measure_latency(spec, results, threads) if latency else None
     from .. import __version__
@@ -153,6 +156,33 @@ def _export_one(spec: ModelSpec, fmt: ExportFormat, precision: str, options: dic
         result.status, result.reason, result.verification = verify_file(
             fmt, path, spec, details.get("judged_as", precision), pin, ref, ref_eager)
     result.seconds = time.perf_counter() - t0
+    return result
+
+
+#: int8_mode="auto" tries these in order: the first whose file passes the int8 bounds is kept.
+INT8_AUTO_ORDER = ("full", "mixed", "dynamic")
+
+
+def _export_int8_auto(spec: ModelSpec, fmt: ExportFormat, options: dict[str, Any], out: Path,
+                      calibration_data: Any, pin: ParityInputs | None, ref: Any,
+                      ref_eager: Any) -> FormatResult:
+    """The most integer int8 file that verifies: full integer where the model takes it (CNNs),
+    mixed where per-tensor int8 softmax/norms/DFTs break it (ViTs, AFFNet), else dynamic range.
+    Every attempt and why it was left is in ``details['int8_attempts']``."""
+    attempts, seconds = [], 0.0
+    for mode in INT8_AUTO_ORDER:
+        result = _export_one(spec, fmt, "int8", {**options, "int8_mode": mode}, out, calibration_data,
+                             pin, ref, ref_eager)
+        seconds += result.seconds
+        attempts.append({"int8_mode": mode, "status": result.status, "reason": result.reason[:300]})
+        if result.status != "failed" or pin is None:
+            break
+    result.seconds = seconds
+    result.details["int8_mode"] = mode
+    result.details["int8_attempts"] = attempts
+    if len(attempts) > 1:
+        left = "; ".join(f"{a['int8_mode']}: {a['reason'][:120]}" for a in attempts[:-1])
+        result.reason = (f"int8_mode auto chose {mode} ({left})" + (f". {result.reason}" if result.reason else ""))
     return result
 
 

@@ -76,13 +76,16 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
         name="tflite", title="TFLite", suffix=".tflite", precisions=PRECISIONS,
         options={
             "layout": ("nhwc", "nchw"),
-            "int8_mode": ("full", "dynamic"),
+            "int8_mode": ("auto", "full", "mixed", "dynamic"),
         },
         option_help={
             "layout": "image input layout: NHWC is what Android camera pipelines hand over",
-            "int8_mode": "full: int8 weights and activations calibrated on a representative "
-                         "dataset (int8 I/O, fastest); dynamic: int8 weights, activations "
-                         "quantized at run time (float I/O)",
+            "int8_mode": "auto: the most integer file that passes verification, trying "
+                         "full, then mixed, then dynamic (full when verify=False); full: int8 "
+                         "weights and activations in every op, calibrated on a representative "
+                         "dataset (int8 I/O, what NPUs want); mixed: the weight layers in int8 "
+                         "(calibrated), softmax/norms/other ops float (float I/O); dynamic: int8 "
+                         "weights, activations quantized at run time (float I/O, no calibration)",
         },
         requires=("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
         runtime="ai-edge-litert Interpreter (tflite_runtime if that is what is installed)",

@@ -118,14 +118,50 @@ def tflite_int8_dynamic(fp32: bytes) -> bytes:
     return bytes(q.quantize(enable_progress_report=False).quantized_model)
 
 
-def tflite_int8_full(fp32: bytes, calibration: Sequence[dict[str, np.ndarray]],
-                     signature: str = "serving_default", threads: int = 2) -> bytes:
-    """int8 weights and activations (int8 I/O), ranges from the calibration inputs."""
-    from ai_edge_quantizer import quantizer, recipe
+#: Ops the "mixed" int8 mode computes in int8 (weights per channel, activations calibrated): the
+#: weight layers, where nearly all the work is. Everything else (softmax, layer norm, attention and
+#: DFT matmuls, elementwise) stays float between quantize/dequantize ops: per-tensor int8 ranges
+#: of those are what makes full-integer ViTs and AFFNet miss the int8 bound (README).
+MIXED_INT8_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE")
 
-    q = quantizer.Quantizer(bytearray(fp32), recipe.static_wi8_ai8())
-    result = q.calibrate({signature: list(calibration)}, num_threads=threads)
-    return bytes(q.quantize(result, enable_progress_report=False).quantized_model)
+#: What each static int8 mode quantizes, for the report.
+STATIC_INT8_METHODS = {
+    "full": "ai-edge-quantizer static_wi8_ai8: int8 weights and activations in every supported op, "
+            "int8 I/O",
+    "mixed": "ai-edge-quantizer static int8 (weights per channel, calibrated activations) in the "
+             "weight layers (" + ", ".join(MIXED_INT8_OPS) + "); other ops float, float I/O",
+}
+
+
+def _static_int8_recipe(mode: str) -> Any:
+    from ai_edge_quantizer import qtyping, recipe, recipe_manager
+
+    if mode == "full":
+        return recipe.static_wi8_ai8()
+    if mode != "mixed":
+        raise ValueError(f"static int8 mode must be 'full' or 'mixed', not {mode!r}")
+    manager = recipe_manager.RecipeManager()
+    for op in MIXED_INT8_OPS:
+        manager.add_static_config(regex=".*", operation_name=qtyping.TFLOperationName[op],
+                                  activation_num_bits=8, weight_num_bits=8)
+    return manager.get_quantization_recipe()
+
+
+def tflite_int8_static(fp32: bytes, calibration: Sequence[dict[str, np.ndarray]], mode: str = "full",
+                       signature: str = "serving_default", threads: int = 2,
+                       ranges: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
+    """int8 file of ``mode`` ("full" or "mixed") and the activation ranges it was made from.
+
+    ``ranges``: the result of an earlier calibration of the same fp32 file (every tensor's range
+    is kept, so one calibration serves both modes); calibrated here when None.
+    """
+    from ai_edge_quantizer import quantizer
+
+    if ranges is None:  # calibrated under the full recipe: ranges for every tensor either mode needs
+        full = quantizer.Quantizer(bytearray(fp32), _static_int8_recipe("full"))
+        ranges = full.calibrate({signature: list(calibration)}, num_threads=threads)
+    q = quantizer.Quantizer(bytearray(fp32), _static_int8_recipe(mode))
+    return bytes(q.quantize(ranges, enable_progress_report=False).quantized_model), ranges
 
 
 def as_signature_inputs(samples: Iterable[tuple[torch.Tensor, ...]], names: Sequence[str],

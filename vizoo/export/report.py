@@ -50,8 +50,10 @@ class FormatResult:
             top1 = f", top-1 {p['top1_agreement']:.0%}" if p.get("top1_agreement") is not None else ""
             parts.append(f"{name}: max|d| {p['max_abs_diff']:.2g} ({p['rel_max_abs_diff']:.2g} of range), "
                          f"cos {p['cosine_min']:.6f}{top1}")
-        if self.latency:
+        if self.latency and "median_ms" in self.latency:
             parts.append(f"latency {self.latency['median_ms']:.2f} ms")
+        if self.details.get("int8_mode"):
+            parts.append(f"int8 {self.details['int8_mode']}" + (f" ({self.reason})" if self.reason else ""))
         return f"{head} {self.file}  " + "; ".join(x for x in parts if x)
 
 

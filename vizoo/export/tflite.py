@@ -73,15 +73,21 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
         elif precision == "int8" and options["int8_mode"] == "dynamic":
             data = quantize.tflite_int8_dynamic(data)
             quant = {"method": "ai-edge-quantizer dynamic_wi8_afp32: int8 weights, activations "
-                               "quantized at run time"}
+                               "quantized at run time", "int8_mode": "dynamic"}
         elif precision == "int8":
+            mode = options["int8_mode"]
+            if mode not in quantize.STATIC_INT8_METHODS:
+                raise ValueError(f"TFLite int8_mode {mode!r} is resolved by vizoo.export (auto) or is "
+                                 f"one of full, mixed, dynamic")
             samples = quantize.calibration_samples(spec, calibration_data)
             names = _signature_inputs(data)
             calib = quantize.as_signature_inputs(
                 samples, names, lambda i, x: (_to_nhwc(x) if nhwc and i == 0 else x).numpy())
-            data = quantize.tflite_int8_full(data, calib)
-            quant = {"method": "ai-edge-quantizer static_wi8_ai8: int8 weights and activations, "
-                               "int8 I/O", "calibration_samples": len(samples),
+            range_key = ("tflite_int8_ranges", nhwc, id(calibration_data))  # one calibration per export
+            data, spec.cache[range_key] = quantize.tflite_int8_static(data, calib, mode,
+                                                                      ranges=spec.cache.get(range_key))
+            quant = {"method": quantize.STATIC_INT8_METHODS[mode], "int8_mode": mode,
+                     "calibration_samples": len(samples),
                      "calibration_data": "bundled photographs" if calibration_data is None
                      else "user data"}
         _check_loads(data, spec)
