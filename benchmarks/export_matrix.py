@@ -41,8 +41,10 @@ def rows_from_report(report: Any) -> list[dict[str, Any]]:
         eager = [fn["parity_eager"]["rel_max_abs_diff"] for fn in fns if "parity_eager" in fn]
         top1 = [fn["parity"]["top1_agreement"] for fn in fns if fn["parity"].get("top1_agreement") is not None]
         tfl = r.latency["median_ms"] if r.latency else None
+        mode = r.details.get("int8_mode") or r.details.get("quantization", {}).get("int8_mode")
+        precision = f"int8-{mode}" if r.format == "tflite" and r.precision == "int8" and mode else r.precision
         rows.append({
-            "model": report.model, "format": r.format, "precision": r.precision, "status": r.status,
+            "model": report.model, "format": r.format, "precision": precision, "status": r.status,
             "size_mb": round(r.size_bytes / 1e6, 2) if r.size_bytes else None,
             "rel_max_abs_diff": worst("rel_max_abs_diff"), "cosine_min": worst("cosine_min", min),
             "top1_agreement": min(top1) if top1 else None,
@@ -54,6 +56,12 @@ def rows_from_report(report: Any) -> list[dict[str, Any]]:
             "reason": r.reason[:300],
         })
     return rows
+
+
+def _kind(fmt: str, precision: str) -> str:
+    """One row per model, format and precision: a TFLite int8 row is labelled with its int8 mode
+    (int8-full, int8-mixed, int8-dynamic) and replaces the model's earlier int8 row."""
+    return "int8" if fmt == "tflite" and precision.startswith("int8") else precision
 
 
 def failed_rows(name: str, formats: list[str], precisions: list[str], err: Exception) -> list[dict[str, Any]]:
@@ -188,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="only re-time PyTorch eager and the TFLite files already exported (e.g. "
                          "when the machine is quiet), updating the latency columns")
     ap.add_argument("--threads", type=int, default=2, help="threads for --relatency")
-    ap.add_argument("--int8-mode", choices=("full", "dynamic"), default="full",
-                    help="TFLite int8: full integer (calibrated) or dynamic range (rows 'int8-dynamic')")
+    ap.add_argument("--int8-mode", choices=("auto", "full", "mixed", "dynamic"), default="auto",
+                    help="TFLite int8 (rows 'int8-<mode the file has>'): auto keeps the most integer "
+                         "file that verifies (full, else mixed, else dynamic range)")
     ap.add_argument("--estimate-stats", nargs="*", default=["*evob0"],
                     help="models whose running statistics are first estimated on photographs "
                          "(random-init EvoNorm-B0 nets are ill-conditioned otherwise)")
@@ -213,13 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         write_rows(rows, csv_path, md_path)
         print(f"re-timed latency in {csv_path} and {md_path}")
         return 0
-    done = {(r["model"], r["format"], r["precision"]) for r in rows}
-    dynamic = args.int8_mode != "full"
-
-    def label(fmt: str, precision: str) -> str:  # only TFLite has an int8 mode; CoreML int8 is 8-bit weights
-        return f"int8-{args.int8_mode}" if precision == "int8" and dynamic and fmt == "tflite" else precision
-
-    todo = [n for n in names if args.redo or any((n, f, label(f, p)) not in done for f in args.formats
+    done = {(r["model"], r["format"], _kind(r["format"], r["precision"])) for r in rows}
+    todo = [n for n in names if args.redo or any((n, f, _kind(f, p)) not in done for f in args.formats
                                                  for p in args.precision)]
     print(f"{len(names)} models, {len(names) - len(todo)} already done ({csv_path})")
     order = {n: i for i, n in enumerate(names)}
@@ -233,15 +237,13 @@ def main(argv: list[str] | None = None) -> int:
                                   out_dir=Path(args.out_dir) / name.replace(":", "_"),
                                   verify_images=args.images, latency=args.latency, int8_mode=args.int8_mode)
             new = rows_from_report(report)
-            for r in new:  # dynamic-range int8 gets its own rows beside the full-integer ones
-                r["precision"] = label(r["format"], r["precision"])
         except Exception as e:  # noqa: BLE001 - one model's failure must not stop the matrix
             new = failed_rows(name, args.formats, args.precision, e)
         for r in new:  # the machine's load when timed: latencies on a shared machine need it
             r["load_avg"] = round(os.getloadavg()[0], 1)
             r["latency_threads"] = 2
-        keys = {(r["model"], r["format"], r["precision"]) for r in new}
-        rows = [r for r in rows if (r["model"], r["format"], r["precision"]) not in keys] + new
+        keys = {(r["model"], r["format"], _kind(r["format"], r["precision"])) for r in new}
+        rows = [r for r in rows if (r["model"], r["format"], _kind(r["format"], r["precision"])) not in keys] + new
         rows.sort(key=lambda r: (order.get(r["model"], len(order)), r["format"], r["precision"]))
         write_rows(rows, csv_path, md_path)
         tqdm.write(f"{name}: " + ", ".join(f"{r['format']} {r['precision']} {r['status']}" for r in new)
