@@ -286,9 +286,16 @@ def test_coreml_export_at_32px_with_1x1_maps_verifies(tmp_path):
     executor checks the result (the digits recipe trains affnet_et at 32 px)."""
     torch.manual_seed(0)
     model = vizoo.create_model("affnet_et", num_classes=10).eval()
-    report = vizoo.export(model, formats="coreml", input_size=(3, 32, 32), out_dir=tmp_path, verify_images=4,
-                          latency=False, coreml_inputs="tensor")
+    report = vizoo.export(model, formats="coreml", precision=["fp32", "int8"], input_size=(3, 32, 32),
+                          out_dir=tmp_path, verify_images=4, latency=False, coreml_inputs="tensor")
     r = report.result("coreml", "fp32")
     assert r.status == "ok", r.reason
     assert r.details["skipped_graph_passes"] == ["common::reduce_transposes"]
     assert r.parity()["rel_max_abs_diff"] <= 1e-4 and r.parity()["top1_agreement"] == 1.0
+    # weight compression re-runs coremltools' default pipeline, which hits the same pass
+    q = report.result("coreml", "int8")
+    assert q.status == "ok", q.reason
+    assert q.details["weight_compression"] == "linear8"
+    assert q.parity()["cosine_min"] >= 0.95
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    assert PASS_REGISTRY.passes["common::reduce_transposes"].__name__ != "_Skipped"  # restored

@@ -8,12 +8,13 @@ returns raw outputs. Conversion goes through ``torch.export(...).run_decompositi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any) -> A
     try:
         return ct.convert(ep, **kwargs)
     except Exception as e:  # noqa: BLE001
-        skip = next((name for msg, name in PASS_WORKAROUNDS.items() if msg in str(e)), None)
+        skip = _known_pass_failure(e)
         if skip:
             pipeline = ct.PassPipeline.DEFAULT
             pipeline.remove_passes([skip])
@@ -93,7 +94,45 @@ def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any) -> A
             raise diagnose(e, "coreml", spec.module, spec.example_inputs, _convert_module) from e
 
 
-def _compress(mlmodel: Any, method: str) -> Any:
+def _known_pass_failure(error: Exception) -> str | None:
+    return next((name for msg, name in PASS_WORKAROUNDS.items() if msg in str(error)), None)
+
+
+@contextlib.contextmanager
+def _passes_skipped(names: list[str]) -> Iterator[None]:
+    """coremltools.optimize re-runs the default pipeline with no way to pass a pipeline, so a
+    graph pass the conversion had to skip is swapped for a no-op in the registry meanwhile."""
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    class _Skipped(AbstractGraphPass):
+        def apply(self, prog: Any) -> None:
+            pass
+
+    saved = {n: PASS_REGISTRY.passes[n] for n in names if n in PASS_REGISTRY.passes}
+    try:
+        for n in saved:
+            PASS_REGISTRY.passes[n] = _Skipped
+        yield
+    finally:
+        PASS_REGISTRY.passes.update(saved)
+
+
+def _compress(mlmodel: Any, method: str, spec: ModelSpec) -> Any:
+    """Weight compression; retried without a graph pass that fails on this graph (see above)."""
+    try:
+        return _compress_weights(mlmodel, method)
+    except Exception as e:  # noqa: BLE001 - only known pass failures are retried
+        skip = _known_pass_failure(e)
+        if not skip:
+            raise
+        with _passes_skipped([skip]):
+            compressed = _compress_weights(mlmodel, method)
+        spec.cache["coreml_skipped_passes"] = sorted({*spec.cache.get("coreml_skipped_passes", []), skip})
+        return compressed
+
+
+def _compress_weights(mlmodel: Any, method: str) -> Any:
     """coremltools.optimize weight compression (tensors under 2048 elements stay float)."""
     if method == "none":
         return mlmodel
@@ -123,7 +162,7 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
         functions[IMAGE_FUNCTION if mode == "both" else "main"] = _convert_one(spec, True, precision, target)
     if mode in ("both", "tensor"):
         functions[TENSOR_FUNCTION if mode == "both" else "main"] = _convert_one(spec, False, precision, target)
-    functions = {k: _compress(m, compress) for k, m in functions.items()}
+    functions = {k: _compress(m, compress, spec) for k, m in functions.items()}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".coreml-") as scratch:
         if len(functions) == 1:
             mlmodel = next(iter(functions.values()))
