@@ -116,15 +116,23 @@ def eager_rows(base, evit, batch: int, threads: int, rounds: int) -> list[dict]:
     return [_row("pytorch-eager", labels[k], k, batch, threads, wall, cpu, "") for k in wall]
 
 
-def convert_tflite(module: torch.nn.Module, path: Path, export: bool, reuse: bool, batch: int = 1) -> Path:
+def convert_tflite(module: torch.nn.Module, path: Path, export: bool, reuse: bool, batch: int = 1,
+                   weights: str = "fp32") -> Path:
+    """fp32 file, or its dynamic-range int8 version by the exporter's own quantizer (int8 weights:
+    a quarter of the bytes every batch-1 call streams through the weight layers)."""
     import litert_torch
+
+    from vizoo.export.quantize import tflite_int8_dynamic
+    from vizoo.io import atomic_path
 
     if reuse and path.is_file():
         return path
     litert_torch.config.show_progress = False
     x = torch.randn(batch, 3, 224, 224)
     with torch.no_grad(), export_mode(module, enabled=export):
-        litert_torch.convert(module.eval(), (x,)).export(str(path))
+        data = bytes(litert_torch.convert(module.eval(), (x,)).model_content())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(tflite_int8_dynamic(data) if weights == "int8-dynamic" else data)
     return path
 
 
@@ -155,18 +163,19 @@ def parity(run, model, images: torch.Tensor, batch: int = 1) -> float:
 
 
 def tflite_rows(base, evit, forms, threads: int, rounds: int, calls: int, work: Path, reuse: bool,
-                batch: int = 1) -> list[dict]:
+                batch: int = 1, weights: str = "fp32") -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     cfg = evit.pretrained_cfg
     images = normalize(photo_images(8, 224), cfg["mean"], cfg["std"])
-    tag = f"_b{batch}" if batch > 1 else ""
-    files = {"deit": convert_tflite(base, work / f"deit_small{tag}.tflite", False, reuse, batch)}
+    tag = (f"_b{batch}" if batch > 1 else "") + ("" if weights == "fp32" else f"_{weights}")
+    files = {"deit": convert_tflite(base, work / f"deit_small{tag}.tflite", False, reuse, batch, weights)}
     for form in tqdm(forms, desc="converting"):
         for blk in evit.reorg_blocks:
             blk.reorg.export_form = form
-        files[form] = convert_tflite(evit, work / f"evit_r0p7_fuse_{form}{tag}.tflite", True, reuse, batch)
+        files[form] = convert_tflite(evit, work / f"evit_r0p7_fuse_{form}{tag}.tflite", True, reuse, batch,
+                                     weights)
     files["slice"] = convert_tflite(fixed_slice_copy(evit), work / f"evit_r0p7_fuse_fixed_slice{tag}.tflite",
-                                    True, reuse, batch)
+                                    True, reuse, batch, weights)
     for blk in evit.reorg_blocks:
         blk.reorg.export_form = "rank_matmul"
     runners = {k: tflite_runner(p, threads) for k, p in files.items()}
@@ -184,7 +193,8 @@ def tflite_rows(base, evit, forms, threads: int, rounds: int, calls: int, work: 
         else:
             label = f"EViT r=0.7 fused ({key})"
         check = f"max|tflite-eager| {checks[key]:.1e}" if key in checks else "n/a (reference)"
-        rows.append(_row("tflite-xnnpack", label, key, batch, threads, wall, cpu, check))
+        runtime = "tflite-xnnpack" + ("" if weights == "fp32" else f" ({weights})")
+        rows.append(_row(runtime, label, key, batch, threads, wall, cpu, check))
     return rows
 
 
@@ -234,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tflite-calls", type=int, default=10, help="invocations per candidate per round")
     p.add_argument("--tflite-batch", type=int, default=1, choices=(1, 2, 4, 8),
                    help="TFLite batch (the goal is stated at 1; larger batches share the weight reads)")
+    p.add_argument("--tflite-weights", default="fp32", choices=("fp32", "int8-dynamic"),
+                   help="TFLite files of both models: fp32, or dynamic-range int8 (int8 weights, the "
+                        "same quantizer as vizoo.export); parity then includes the quantization error")
     p.add_argument("--forms", nargs="*", default=list(EXPORT_FORMS), choices=EXPORT_FORMS)
     p.add_argument("--skip-eager", action="store_true")
     p.add_argument("--skip-tflite", action="store_true")
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += eager_rows(base, evit, args.batch, args.threads, args.eager_rounds)
     if not args.skip_tflite:
         rows += tflite_rows(base, evit, args.forms, args.threads, args.tflite_rounds, args.tflite_calls,
-                            Path(args.work_dir), args.reuse, args.tflite_batch)
+                            Path(args.work_dir), args.reuse, args.tflite_batch, args.tflite_weights)
     if not rows:
         print("nothing measured (both --skip-eager and --skip-tflite)", file=sys.stderr)
         return 2

@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = read_rows(Path(other))
         keys = {(r["model"], r["format"], r["precision"]) for r in extra}
         rows = [r for r in rows if (r["model"], r["format"], r["precision"]) not in keys] + extra
+    order = {n: i for i, n in enumerate(names)}
+    rows.sort(key=lambda r: (order.get(r["model"], len(order)), r["format"], r["precision"]))
     if args.relatency:
         retime(rows, names, Path(args.out_dir), args.threads)
         write_rows(rows, csv_path, md_path)
@@ -226,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     todo = [n for n in names if args.redo or any((n, f, _kind(f, p)) not in done for f in args.formats
                                                  for p in args.precision)]
     print(f"{len(names)} models, {len(names) - len(todo)} already done ({csv_path})")
-    order = {n: i for i, n in enumerate(names)}
     for name in tqdm(todo, desc="export matrix"):
         t0 = time.time()
         try:
