@@ -202,9 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--estimate-stats", nargs="*", default=["*evob0"],
                     help="models whose running statistics are first estimated on photographs "
                          "(random-init EvoNorm-B0 nets are ill-conditioned otherwise)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (no download here)")
     ap.add_argument("--no-latency", dest="latency", action="store_false",
                     help="export and verify only (time later with --relatency on a quiet machine)")
     args = ap.parse_args(argv)
+
+    import torch
 
     import vizoo
     from vizoo.export.api import build_model
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in tqdm(todo, desc="export matrix"):
         t0 = time.time()
         try:
+            torch.manual_seed(args.seed)  # the same random weights every run (int8 modes depend on them)
             model = build_model(name)
             if any(fnmatch.fnmatch(name, pat) for pat in args.estimate_stats):
                 model = estimate_running_stats(model)
