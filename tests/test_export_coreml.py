@@ -4,12 +4,13 @@ import json
 import shutil
 
 import numpy as np
+import torch
 import pytest
 
 from vizoo.export.api import verify_file
 from vizoo.export.spec import resolve_spec
 
-from test_export_verify import MEAN, export_labelled_tiny
+from test_export_verify import MEAN, export_labelled_tiny, tiny_classifier
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,42 @@ def test_corrupted_weight_in_package_fails_verification(exported, tmp_path):
     assert status == "failed" and "parity out of bounds" in reason
     assert all(f["parity"]["top1_agreement"] < 1 or f["parity"]["rel_max_abs_diff"] > 1e-2
                for f in details["functions"].values())
+
+
+class _CancellingHead(torch.nn.Module):
+    """A classifier whose output passes through a large-magnitude add/subtract that cancels:
+    exact in fp32, off by whole units in fp16 arithmetic (its spacing near 4096 is 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_classifier()
+        self.pretrained_cfg = self.body.pretrained_cfg
+
+    def forward(self, x):
+        h = self.body(x)
+        return h + ((h * 4096.0 + 2048.0) - h * 4096.0 - 2048.0)
+
+
+def test_fp16_auto_falls_back_to_fp32_elementwise_ops_and_says_why(tmp_path):
+    from vizoo.export import export_model
+    from coremltools.converters.mil.mil import types
+
+    from vizoo.export.mil import load_program
+    from vizoo.export.mil.program import iter_ops
+
+    report = export_model(_CancellingHead().eval(), formats="coreml", precision="fp16", out_dir=tmp_path,
+                          name="cancel", verify_images=16, latency=False, coreml_inputs="tensor")
+    r = report.result("coreml", "fp16")
+    attempts = r.details["fp16_attempts"]
+    assert [a["fp16_mode"] for a in attempts] == ["all", "mixed"]
+    assert attempts[0]["status"] == "failed"                   # all-fp16 arithmetic misses the bound
+    assert r.status == "ok", r.reason
+    assert r.details["fp16_mode"] == "mixed" and r.reason.startswith("fp16_mode auto chose mixed (all: ")
+    assert r.parity()["rel_max_abs_diff"] <= 1e-2
+    # in the kept file the weight layers compute in fp16, the cancelling adds in fp32
+    program = load_program(tmp_path / "cancel_fp16.mlpackage")
+    out_dtypes: dict[str, set] = {}
+    for op in iter_ops(program.function):
+        out_dtypes.setdefault(op.op_type, set()).update(types.builtin_to_string(v.dtype) for v in op.outputs)
+    assert out_dtypes["conv"] == {"fp16"} and out_dtypes["linear"] == {"fp16"}
+    assert out_dtypes["add"] == {"fp32"} and "fp32" in out_dtypes["mul"]

@@ -78,7 +78,7 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
     bundled photographs. ``verify_data``: your own images (N, C, H, W) in [0, 1], or
     ``(images, labels)`` to also report each file's accuracy and its delta to PyTorch; default
     ``verify_images`` bundled photographs. ``options``: format options from :data:`vizoo.export.formats.FORMATS`
-    (``layout``, ``int8_mode``, ``coreml_inputs``, ``compress``).
+    (``layout``, ``int8_mode``, ``coreml_inputs``, ``compress``, ``fp16_mode``).
     Returns the report (also written to ``out_dir/report.json``).
     """
     fmts = [get_format(f) for f in _as_list(formats)]
@@ -108,8 +108,9 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
     jobs = [(f, p) for f in fmts for p in precisions]
     for fmt, prec in tqdm(jobs, desc=f"export {spec.name}", disable=len(jobs) < 2):
         opts = fmt.resolve_options({k: v for k, v in options.items() if k in fmt.options})
-        if prec == "int8" and opts.get("int8_mode") == "auto":
-            results.append(_export_int8_auto(spec, fmt, opts, out, calibration_data, pin, ref, ref_eager))
+        auto = _auto_option(prec, opts)
+        if auto:
+            results.append(_export_auto(spec, fmt, prec, auto, opts, out, calibration_data, pin, ref, ref_eager))
         else:
             results.append(_export_one(spec, fmt, prec, opts, out, calibration_data, pin, ref, ref_eager))
 
@@ -159,30 +160,42 @@ def _export_one(spec: ModelSpec, fmt: ExportFormat, precision: str, options: dic
     return result
 
 
-#: int8_mode="auto" tries these in order: the first whose file passes the int8 bounds is kept.
-INT8_AUTO_ORDER = ("full", "mixed", "dynamic")
+#: ``<option>="auto"`` tries these modes in order and keeps the first file that passes its bounds:
+#: TFLite int8 from the most integer file down; CoreML fp16 from all-fp16 arithmetic down to fp16
+#: only in the weight layers.
+AUTO_ORDERS = {"int8_mode": ("full", "mixed", "dynamic"), "fp16_mode": ("all", "mixed")}
+INT8_AUTO_ORDER = AUTO_ORDERS["int8_mode"]
 
 
-def _export_int8_auto(spec: ModelSpec, fmt: ExportFormat, options: dict[str, Any], out: Path,
-                      calibration_data: Any, pin: ParityInputs | None, ref: Any,
-                      ref_eager: Any) -> FormatResult:
-    """The most integer int8 file that verifies: full integer where the model takes it (CNNs),
-    mixed where per-tensor int8 softmax/norms/DFTs break it (ViTs, AFFNet), else dynamic range.
-    Every attempt and why it was left is in ``details['int8_attempts']``."""
+def _auto_option(precision: str, options: dict[str, Any]) -> str | None:
+    """The option export resolves by trying its modes, if any: int8_mode for TFLite int8,
+    fp16_mode for CoreML files computed in fp16 (fp16 and int8 weights)."""
+    if precision == "int8" and options.get("int8_mode") == "auto":
+        return "int8_mode"
+    if precision in ("fp16", "int8") and options.get("fp16_mode") == "auto":
+        return "fp16_mode"
+    return None
+
+
+def _export_auto(spec: ModelSpec, fmt: ExportFormat, precision: str, key: str, options: dict[str, Any],
+                 out: Path, calibration_data: Any, pin: ParityInputs | None, ref: Any,
+                 ref_eager: Any) -> FormatResult:
+    """The first mode of ``AUTO_ORDERS[key]`` whose file verifies (the first one without
+    verification). Every attempt and why it was left is in ``details['<int8|fp16>_attempts']``."""
     attempts, seconds = [], 0.0
-    for mode in INT8_AUTO_ORDER:
-        result = _export_one(spec, fmt, "int8", {**options, "int8_mode": mode}, out, calibration_data,
+    for mode in AUTO_ORDERS[key]:
+        result = _export_one(spec, fmt, precision, {**options, key: mode}, out, calibration_data,
                              pin, ref, ref_eager)
         seconds += result.seconds
-        attempts.append({"int8_mode": mode, "status": result.status, "reason": result.reason[:300]})
+        attempts.append({key: mode, "status": result.status, "reason": result.reason[:300]})
         if result.status != "failed" or pin is None:
             break
     result.seconds = seconds
-    result.details["int8_mode"] = mode
-    result.details["int8_attempts"] = attempts
+    result.details[key] = mode
+    result.details[key.replace("_mode", "_attempts")] = attempts
     if len(attempts) > 1:
-        left = "; ".join(f"{a['int8_mode']}: {a['reason'][:120]}" for a in attempts[:-1])
-        result.reason = (f"int8_mode auto chose {mode} ({left})" + (f". {result.reason}" if result.reason else ""))
+        left = "; ".join(f"{a[key]}: {a['reason'][:120]}" for a in attempts[:-1])
+        result.reason = (f"{key} auto chose {mode} ({left})" + (f". {result.reason}" if result.reason else ""))
     return result
 
 

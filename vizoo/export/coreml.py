@@ -55,11 +55,29 @@ def _convert_module(module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
                       compute_precision=ct.precision.FLOAT32)
 
 
-def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any) -> Any:
+#: fp16_mode="mixed": the ops computed in fp16 (the weight layers, nearly all the MACs); every
+#: other op (layer norm, softmax, GELU, residual adds, reductions) stays fp32. fp16 arithmetic
+#: through a ViT's elementwise ops is what puts a small ViT past the fp16 bound (README).
+FP16_MIXED_OPS = frozenset({"conv", "conv_transpose", "linear", "matmul"})
+
+
+def _compute_precision(precision: str, fp16_mode: str) -> Any:
+    import coremltools as ct
+
+    if precision == "fp32":
+        return ct.precision.FLOAT32
+    if fp16_mode == "mixed":
+        return ct.transform.FP16ComputePrecision(op_selector=lambda op: op.op_type in FP16_MIXED_OPS)
+    if fp16_mode != "all":
+        raise ValueError(f"CoreML fp16_mode {fp16_mode!r} is resolved by vizoo.export (auto) or is all/mixed")
+    return ct.precision.FLOAT16
+
+
+def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any, fp16_mode: str = "all") -> Any:
     import coremltools as ct
 
     ep = _exported(spec, image)
-    compute = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
+    compute = _compute_precision(precision, fp16_mode)
     kwargs: dict[str, Any] = {}
     if image:
         c = spec.input_size[0]
@@ -158,10 +176,13 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
         compress = "linear8"
     target = ct.target.iOS18 if (mode == "both" or compress == "linear4") else ct.target.iOS17
     functions: dict[str, Any] = {}
+    fp16_mode = "fp32" if precision == "fp32" else options.get("fp16_mode", "all")
     if mode in ("both", "image"):
-        functions[IMAGE_FUNCTION if mode == "both" else "main"] = _convert_one(spec, True, precision, target)
+        functions[IMAGE_FUNCTION if mode == "both" else "main"] = _convert_one(spec, True, precision, target,
+                                                                                fp16_mode)
     if mode in ("both", "tensor"):
-        functions[TENSOR_FUNCTION if mode == "both" else "main"] = _convert_one(spec, False, precision, target)
+        functions[TENSOR_FUNCTION if mode == "both" else "main"] = _convert_one(spec, False, precision, target,
+                                                                                 fp16_mode)
     functions = {k: _compress(m, compress, spec) for k, m in functions.items()}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".coreml-") as scratch:
         if len(functions) == 1:
@@ -177,12 +198,14 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
             ct.utils.save_multifunction(desc, str(merged))
             mlmodel = ct.models.MLModel(str(merged), skip_model_load=True)
         _set_metadata(mlmodel, spec, precision, mode, compress)
+        mlmodel.user_defined_metadata["vizoo.fp16_mode"] = fp16_mode
         out = Path(scratch) / "final.mlpackage"
         mlmodel.save(str(out))
         out.rename(path)
     image_fn = {"both": IMAGE_FUNCTION, "image": "main"}.get(mode)
     return {"functions": {name: "image" if name == image_fn else "tensor" for name in functions},
-            "compute_precision": "fp32" if precision == "fp32" else "fp16",
+            "compute_precision": {"fp32": "fp32", "all": "fp16",
+                                  "mixed": "fp16 in " + "/".join(sorted(FP16_MIXED_OPS)) + ", fp32 elsewhere"}[fp16_mode],
             "weight_compression": compress, "minimum_deployment_target": target.name,
             "skipped_graph_passes": spec.cache.get("coreml_skipped_passes", []),
             # compressed weights are judged with the int8 bounds, whatever the compute precision

@@ -58,6 +58,7 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
         options={
             "coreml_inputs": ("both", "image", "tensor"),
             "compress": ("none", "linear8", "linear4", "palettize4"),
+            "fp16_mode": ("auto", "all", "mixed"),
         },
         option_help={
             "coreml_inputs": "both: one package with function 'main' taking a camera image "
@@ -66,6 +67,10 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                              "function only (iOS 17+)",
             "compress": "weight compression by coremltools.optimize: 8-bit linear, 4-bit linear "
                         "(iOS 18+) or 4-bit k-means palettization; int8 precision means linear8",
+            "fp16_mode": "files computed in fp16 (fp16, int8): all: every op in fp16; mixed: only "
+                         "conv/linear/matmul in fp16, the other ops (norms, softmax, residual adds) "
+                         "in fp32; auto: all, else mixed when all misses the bounds (without "
+                         "verification auto keeps all)",
         },
         requires=("coremltools",),
         runtime="vizoo.export.mil (NumPy MIL executor; MLModel.predict on macOS)",

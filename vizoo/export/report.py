@@ -52,8 +52,9 @@ class FormatResult:
                          f"cos {p['cosine_min']:.6f}{top1}")
         if self.latency and "median_ms" in self.latency:
             parts.append(f"latency {self.latency['median_ms']:.2f} ms")
-        if self.details.get("int8_mode"):
-            parts.append(f"int8 {self.details['int8_mode']}" + (f" ({self.reason})" if self.reason else ""))
+        for key in ("int8_mode", "fp16_mode"):  # which mode auto kept, and why the others were left
+            if self.details.get(key):
+                parts.append(f"{key.split('_')[0]} {self.details[key]}" + (f" ({self.reason})" if self.reason else ""))
         return f"{head} {self.file}  " + "; ".join(x for x in parts if x)
 
 
