@@ -41,7 +41,7 @@ def rows_from_report(report: Any) -> list[dict[str, Any]]:
         eager = [fn["parity_eager"]["rel_max_abs_diff"] for fn in fns if "parity_eager" in fn]
         top1 = [fn["parity"]["top1_agreement"] for fn in fns if fn["parity"].get("top1_agreement") is not None]
         tfl = r.latency["median_ms"] if r.latency else None
-        mode = r.details.get("int8_mode") or r.details.get("quantization", {}).get("int8_mode")
+        mode = r.int8_mode
         precision = f"int8-{mode}" if r.format == "tflite" and r.precision == "int8" and mode else r.precision
         rows.append({
             "model": report.model, "format": r.format, "precision": precision, "status": r.status,

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                               verify_images=len(images), latency=False, name=getattr(model, "vizoo_name", None),
                               int8_mode=args.int8_mode)
         for r in report.results:
-            mode = r.details.get("int8_mode") or r.details.get("quantization", {}).get("int8_mode")
+            mode = r.int8_mode
             kind = INT8_KINDS.get(mode, "?") if r.format == "tflite" else "8-bit weights"
             if len(r.details.get("int8_attempts", [])) > 1:  # the modes auto tried and left
                 kind += " (auto; " + ", ".join(f"{a['int8_mode']} failed" for a in r.details["int8_attempts"][:-1]) + ")"

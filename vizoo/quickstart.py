@@ -72,7 +72,7 @@ def _result_row(r: Any) -> dict[str, Any]:
             "top1_agreement": parity.get("top1_agreement"),
             "accuracy": parity.get("accuracy"), "pytorch_accuracy": parity.get("reference_accuracy"),
             "latency_ms": (r.latency or {}).get("median_ms"),
-            "int8_mode": (r.details or {}).get("int8_mode")}
+            "int8_mode": r.int8_mode}
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -164,7 +164,6 @@ def _export_one(spec: ModelSpec, fmt: ExportFormat, precision: str, options: dic
 #: TFLite int8 from the most integer file down; CoreML fp16 from all-fp16 arithmetic down to fp16
 #: only in the weight layers.
 AUTO_ORDERS = {"int8_mode": ("full", "mixed", "dynamic"), "fp16_mode": ("all", "mixed")}
-INT8_AUTO_ORDER = AUTO_ORDERS["int8_mode"]
 
 
 def _auto_option(precision: str, options: dict[str, Any]) -> str | None:

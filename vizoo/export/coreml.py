@@ -197,8 +197,7 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
             merged = Path(scratch) / "merged.mlpackage"
             ct.utils.save_multifunction(desc, str(merged))
             mlmodel = ct.models.MLModel(str(merged), skip_model_load=True)
-        _set_metadata(mlmodel, spec, precision, mode, compress)
-        mlmodel.user_defined_metadata["vizoo.fp16_mode"] = fp16_mode
+        _set_metadata(mlmodel, spec, precision, mode, compress, fp16_mode)
         out = Path(scratch) / "final.mlpackage"
         mlmodel.save(str(out))
         out.rename(path)
@@ -213,7 +212,8 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
             "input_layout": "NCHW (tensor function); image (ImageType) for the image function"}
 
 
-def _set_metadata(mlmodel: Any, spec: ModelSpec, precision: str, mode: str, compress: str) -> None:
+def _set_metadata(mlmodel: Any, spec: ModelSpec, precision: str, mode: str, compress: str,
+                  fp16_mode: str) -> None:
     from .. import __version__
 
     mlmodel.author = "vizoo"
@@ -229,6 +229,7 @@ def _set_metadata(mlmodel: Any, spec: ModelSpec, precision: str, mode: str, comp
     meta["vizoo.input_shapes"] = json.dumps([list(s) for s in spec.input_shapes])
     meta["vizoo.precision"] = precision
     meta["vizoo.weight_compression"] = compress
+    meta["vizoo.fp16_mode"] = fp16_mode
     meta["vizoo.functions"] = mode
     meta["vizoo.output_names"] = json.dumps(spec.output_names)
     if spec.image_input:

@@ -32,6 +32,11 @@ class FormatResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def int8_mode(self) -> str | None:
+        """The TFLite int8 mode of the file (chosen by auto or given), None for other files."""
+        return self.details.get("int8_mode") or self.details.get("quantization", {}).get("int8_mode")
+
     def parity(self, function: str | None = None) -> dict[str, Any]:
         """Parity metrics of one function (the first one by default)."""
         fns = self.verification.get("functions", {})
