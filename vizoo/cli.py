@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Sequence
 
-from . import __version__
+from . import __version__, quiet
 from .info import format_info, model_info
 from .registry import get_family, get_pretrained_cfg, list_models
 
@@ -21,11 +21,13 @@ _COMMAND_MODULES = (
     "vizoo.export.cli",
     "vizoo.quickstart",
     "vizoo.visualize",
+    "vizoo.doctor",
 )
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    names = list_models(args.pattern or "*", pretrained=args.pretrained, family=args.family)
+    names = list_models(args.pattern or "*", pretrained=args.pretrained, family=args.family,
+                        features_only=args.features_only)
     if not names:
         print(f"no model matches {args.pattern!r}; `vizoo list` shows all", file=sys.stderr)
         return 1
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="*", help="e.g. '*evo*' or 'evit*.r0p7*'")
     p.add_argument("--pretrained", action="store_true", help="only names with published weights")
     p.add_argument("--family", help="only this family (e.g. evonorm_nets)")
+    p.add_argument("--features-only", action="store_true",
+                   help="only models that create_model(..., features_only=True) can build (feature maps)")
     p.add_argument("-v", "--verbose", action="store_true", help="family, input size and paper")
     p.set_defaults(func=_cmd_list)
 
@@ -73,13 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register_cli(sub)
+    for name, command in sub.choices.items():
+        if not any("--verbose" in a.option_strings for a in command._actions):
+            command.add_argument("--verbose", action="store_true",
+                                 help="show third-party warnings, banners and converter progress")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Before any converter is imported: their start-up messages are hidden unless --verbose.
+    quiet.install(verbose="--verbose" in argv and (not argv or argv[0] != "list"))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"vizoo {args.command}: interrupted; nothing partial was written", file=sys.stderr)
+        return 130
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         # User-facing errors (unknown model, bad checkpoint, bad input size...) get one clear line.
         print(f"vizoo {args.command}: error: {e}", file=sys.stderr)

@@ -80,13 +80,31 @@ class UnknownModelError(ValueError):
 _entrypoints: dict[str, Callable[..., nn.Module]] = {}
 _families: dict[str, str] = {}
 _cfgs: dict[str, dict[str, PretrainedCfg]] = {}  # architecture -> tag -> cfg (first tag = default)
+#: architecture -> timm-style feature_cfg (``feature_cls``: 'list' (default), 'getter', 'dict',
+#: 'hook'; ``flatten_sequential``...), for architectures that can return feature maps.
+_feature_cfgs: dict[str, dict[str, Any]] = {}
+#: architecture -> why it cannot return feature maps (shown by ``features_only=True``).
+_no_features: dict[str, str] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+def register_model(fn: Callable[..., nn.Module] | None = None, *,
+                   feature_cfg: dict[str, Any] | None = None) -> Any:
     """Decorator: register a model entry point under its function name.
 
     The family is the defining module's last name (``vizoo.models.evit`` -> ``evit``).
+    Used bare (``@register_model``) or with ``feature_cfg`` (``@register_model(feature_cfg={...})``):
+    a model with a ``feature_cfg`` can be built with ``features_only=True`` (see
+    :func:`register_features`).
     """
+    if fn is None:
+        def decorator(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+            register_model(f)
+            if feature_cfg is not None:
+                register_features(f.__name__, feature_cfg)
+            return f
+        return decorator
+    if feature_cfg is not None:
+        raise TypeError("register_model(fn, feature_cfg=...): use @register_model(feature_cfg=...)")
     name = fn.__name__
     if name in _entrypoints and _entrypoints[name] is not fn:
         raise RuntimeError(f"model name {name!r} is registered twice")
@@ -105,6 +123,47 @@ def register_pretrained_cfgs(cfgs: dict[str, PretrainedCfg]) -> None:
         arch, _, tag = key.partition(".")
         cfg = dataclasses.replace(cfg, architecture=arch, tag=tag)
         _cfgs.setdefault(arch, {})[tag] = cfg
+
+
+def register_features(names: str | Iterable[str], feature_cfg: dict[str, Any] | None = None, *,
+                      reason: str = "") -> None:
+    """Declare whether registered architectures can return feature maps (``features_only=True``).
+
+    ``feature_cfg`` (timm's ``build_model_with_cfg(feature_cfg=...)`` keys) says how: the model's
+    ``feature_info`` (list of dicts: num_chs, reduction, module) is served by timm's
+    ``FeatureListNet`` (default; ``flatten_sequential=True`` for nested stages) or, with
+    ``feature_cls='getter'``, by ``FeatureGetterNet`` over the model's ``forward_intermediates``.
+    ``feature_cfg=None`` with ``reason`` marks them as unable, and why.
+    """
+    if (feature_cfg is None) == (not reason):
+        raise ValueError("register_features: pass either a feature_cfg or (for no features) a reason")
+    for name in [names] if isinstance(names, str) else list(names):
+        if name not in _entrypoints:
+            raise KeyError(f"register_features: {name!r} is not a registered model")
+        if feature_cfg is not None:
+            _feature_cfgs[name] = dict(feature_cfg)
+            _no_features.pop(name, None)
+        else:
+            _no_features[name] = reason
+            _feature_cfgs.pop(name, None)
+
+
+def get_feature_cfg(name: str) -> dict[str, Any] | None:
+    """The ``feature_cfg`` of ``name`` (``arch`` or ``arch.tag``), or None if it gives no feature maps."""
+    _import_models()
+    arch, _ = split_model_name_tag(name)
+    if arch not in _entrypoints:
+        raise _unknown(name)
+    cfg = _feature_cfgs.get(arch)
+    return dict(cfg) if cfg is not None else None
+
+
+def no_features_reason(name: str) -> str:
+    """Why ``name`` cannot return feature maps ("" if it can)."""
+    if get_feature_cfg(name) is not None:
+        return ""
+    return _no_features.get(split_model_name_tag(name)[0], "its family declares no feature levels "
+                            "(no feature_info / feature_cfg registered)")
 
 
 def split_model_name_tag(name: str) -> tuple[str, str]:
@@ -165,11 +224,13 @@ def get_family(name: str) -> str:
 
 
 def list_models(pattern: str | Iterable[str] = "*", pretrained: bool = False,
-                family: str | None = None, exclude: str | Iterable[str] = ()) -> list[str]:
+                family: str | None = None, exclude: str | Iterable[str] = (),
+                features_only: bool = False) -> list[str]:
     """Registered names matching shell-style wildcard(s), sorted.
 
     With ``pretrained=True`` only ``arch.tag`` names whose config has a weight source are listed
     (as in timm); otherwise architectures are listed, plus tags when the pattern has a dot.
+    With ``features_only=True`` only models that ``create_model(..., features_only=True)`` can build.
     """
     _import_models()
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
@@ -183,6 +244,8 @@ def list_models(pattern: str | Iterable[str] = "*", pretrained: bool = False,
     out = {n for n in out if not any(fnmatch.fnmatchcase(n, p) for p in excludes)}
     if family:
         out = {n for n in out if _families[split_model_name_tag(n)[0]] == family}
+    if features_only:
+        out = {n for n in out if split_model_name_tag(n)[0] in _feature_cfgs}
     return sorted(out)
 
 

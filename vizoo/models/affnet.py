@@ -18,6 +18,10 @@ Initialisation follows what cvnets intends (conv kaiming-normal fan-out, linear 
 norms 1/0, AFF mask weights 0.02 N(0,1)); the official TokenMixers copy leaves PyTorch defaults.
 Module names follow timm (``stem``, ``stages``, ``conv_pw``/``bn1``...); :func:`checkpoint_filter_fn`
 maps the official cvnets keys, so the released EMA checkpoints load from a local file.
+
+``create_model(name, features_only=True, out_indices=...)``: timm's ``FeatureListNet`` over
+``feature_info`` (``stages.0-4``, strides 2, 4, 8, 16, 32; the deepest level is the last stage's
+output, before ``final_conv``), e.g. ``out_indices=(1, 2, 3, 4)`` for a detector's strides 4-32.
 """
 from __future__ import annotations
 
@@ -128,7 +132,6 @@ class AFFNet(nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.stem = ConvNormAct(in_chans, stem_chs, 3, stride=2, act_layer=nn.SiLU)
-        self.feature_info = [dict(num_chs=stem_chs, reduction=2, module="stem")]
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stages = [nn.Sequential(_inverted_residual(stem_chs, widths[0], 1, mv2_exp))]
@@ -144,8 +147,10 @@ class AFFNet(nn.Module):
                          num_groups=num_groups, mask_act=mask_act, sparsity_threshold=sparsity_threshold)))
             in_chs = dim
         self.stages = nn.Sequential(*stages)
-        for i, (w, r) in enumerate(zip(widths, (2, 4, 8, 16, 32))):
-            self.feature_info.append(dict(num_chs=w, reduction=r, module=f"stages.{i}"))
+        # One level per stride, at each stage's end (as timm's MobileNets; stages.0 at stride 2 is
+        # the deepest stride-2 map, so the stem is not a level): strides 2, 4, 8, 16, 32.
+        self.feature_info = [dict(num_chs=w, reduction=r, module=f"stages.{i}")
+                             for i, (w, r) in enumerate(zip(widths, (2, 4, 8, 16, 32)))]
 
         self.num_features = self.head_hidden_size = min(head_exp * widths[-1], head_max)
         self.final_conv = ConvNormAct(widths[-1], self.num_features, 1, act_layer=nn.SiLU)
@@ -266,19 +271,23 @@ register_pretrained_cfgs({
 
 # --- entry points -------------------------------------------------------------------------------
 
-@register_model
+#: ``features_only`` through timm's FeatureListNet (stages.N flattened to stages_N; see vizoo.features).
+_FEATURES = dict(flatten_sequential=True)
+
+
+@register_model(feature_cfg=_FEATURES)
 def affnet_et(**kwargs) -> AFFNet:
     """AFFNet-ET (official mode xx_small): 1.44M params, 73.0% top-1 at 256 px."""
     return _create_affnet("affnet_et", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def affnet_t(**kwargs) -> AFFNet:
     """AFFNet-T (official mode x_small): 2.65M params, 77.0% top-1 at 256 px."""
     return _create_affnet("affnet_t", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def affnet(**kwargs) -> AFFNet:
     """AFFNet (official mode small): 5.57M params, 79.8% top-1 at 256 px."""
     return _create_affnet("affnet", **kwargs)

@@ -30,7 +30,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
 from ..layers.token_reorg import EXPORT_FORMS, TokenReorganizer, class_attention, keep_count
-from ..registry import PretrainedCfg, register_model, register_pretrained_cfgs
+from ..registry import PretrainedCfg, register_features, register_model, register_pretrained_cfgs
 
 __all__ = ["EViT", "EViTBlock", "EViTAttention", "keep_rate_schedule", "convert_official_checkpoint"]
 
@@ -425,3 +425,10 @@ def evit_vit_tiny_patch4_32(**kwargs) -> EViT:
     """A small EViT (64 dim, 2 heads, 12 blocks, reorganising at 3/6/9) for 32 px digits."""
     return _create_evit(**dict(dict(
         img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=12, num_heads=2), **kwargs))
+
+
+# No features_only: from the first reorganising block on, EViT keeps only the attentive tokens (and
+# fuses the rest into one), so the later blocks' tokens no longer form a spatial grid.
+register_features([n for n in __all__ if n.startswith("evit_")], reason=(
+    "EViT keeps only the attentive tokens (fusing the rest) from its first reorganising block on, "
+    "so its later blocks have no spatial grid to return as NCHW maps"))

@@ -20,6 +20,12 @@ Architectures are timm's classes, given our EvoNorm layers as ``norm_layer``:
   timm-compatible mode, so timm's trained ``resnetv2_50d_evos.ah_in1k`` weights load and match.
 
 Layer options (eps, groups, ``timm_compatible``) pass through ``norm_kwargs``.
+
+``create_model(name, features_only=True, out_indices=...)`` works as in timm: timm's
+``FeatureListNet`` (``flatten_sequential``, as timm's ``_create_resnetv2``) over timm's own
+``feature_info`` of each class: EfficientNet stage ends ``blocks.{0,1,2,4,6}``, ResNetV2
+``stem.conv``, ``stages.0-3``, at strides 2, 4, 8, 16, 32. ``feature_cls='getter'`` selects timm's
+``FeatureGetterNet`` over ``forward_intermediates`` instead.
 """
 from __future__ import annotations
 
@@ -88,6 +94,9 @@ def _cfg(**kwargs: Any) -> PretrainedCfg:
     return PretrainedCfg(paper=_PAPER, paper_url=_PAPER_URL, notes=_NO_WEIGHTS, **kwargs)
 
 
+#: ``features_only`` wrappers, as timm builds them for these classes (see vizoo.features).
+_FEATURES = dict(flatten_sequential=True)
+
 _RESNET = dict(first_conv="stem.conv", classifier="head.fc")
 _EFFNET = dict(first_conv="conv_stem", classifier="classifier")
 
@@ -113,43 +122,43 @@ register_pretrained_cfgs({
 
 # --- entry points -----------------------------------------------------------------------------------
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def resnet50v2_evob0(**kwargs: Any) -> ResNetV2:
     """Pre-activation ResNet-50 (TF resnet_v2 form) with EvoNorm-B0 at every BN-ReLU."""
     return _create_resnetv2("b0", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def resnet50v2_evos0(**kwargs: Any) -> ResNetV2:
     """Pre-activation ResNet-50 (TF resnet_v2 form) with EvoNorm-S0 at every BN-ReLU."""
     return _create_resnetv2("s0", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def mobilenetv2_100_evob0(**kwargs: Any) -> EfficientNet:
     """MobileNetV2 1.0 with EvoNorm-B0 for BN-ReLU6 (affine-only for linear bottlenecks)."""
     return _create_efficientnet("b0", _MOBILENETV2_ARCH, "relu6", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def mobilenetv2_100_evos0(**kwargs: Any) -> EfficientNet:
     """MobileNetV2 1.0 with EvoNorm-S0 for BN-ReLU6 (affine-only for linear bottlenecks)."""
     return _create_efficientnet("s0", _MOBILENETV2_ARCH, "relu6", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def efficientnet_b0_evob0(**kwargs: Any) -> EfficientNet:
     """EfficientNet-B0 with EvoNorm-B0 for BN-Swish (SE keeps its Swish)."""
     return _create_efficientnet("b0", _EFFICIENTNET_B0_ARCH, "swish", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def efficientnet_b0_evos0(**kwargs: Any) -> EfficientNet:
     """EfficientNet-B0 with EvoNorm-S0 for BN-Swish (SE keeps its Swish)."""
     return _create_efficientnet("s0", _EFFICIENTNET_B0_ARCH, "swish", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def resnetv2_50d_evos(**kwargs: Any) -> ResNetV2:
     """timm's ResNetV2-50d (deep stem, avg-pool shortcut) with our EvoNorm-S0, timm-compatible."""
     norm_kwargs = {"timm_compatible": True, **kwargs.pop("norm_kwargs", {})}

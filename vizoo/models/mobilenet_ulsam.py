@@ -29,6 +29,11 @@ the standard 13 depthwise-separable layers with no skips, ReLU6 as in TF-slim (t
 MobileNet paper's 4.2/569, 2.6/325, 1.3/149); MV2 = timm ``mobilenetv2_100`` (3.50M / 300.8M; the
 paper quotes MobileNetV2's 3.4M / 300M, so compare *changes*, not absolute counts). Training
 recipe: not released; use a standard MobileNet ImageNet recipe.
+
+``create_model(name, features_only=True, out_indices=...)`` works as in timm: the ULSAM edits keep
+timm's stage structure, so timm's ``feature_info`` (stage ends ``blocks.N`` at strides 2-32, with
+any ULSAM inside its stage) serves timm's ``FeatureListNet`` (``flatten_sequential``);
+``feature_cls='getter'`` uses timm's ``EfficientNet.forward_intermediates`` instead.
 """
 from __future__ import annotations
 
@@ -127,6 +132,10 @@ class MobileNetULSAM(EfficientNet):
         _apply_ulsam_edits(self.blocks, self.ulsam_edits, g, ulsam_bn_momentum)
 
 
+#: ``features_only`` through timm's FeatureListNet over feature_info (see vizoo.features).
+_FEATURES = dict(flatten_sequential=True)
+
+
 def _create_mobilenet_ulsam(arch_def: list[list[str]], width: float, num_features: int,
                             edits: Sequence[Edit], **kwargs: Any) -> MobileNetULSAM:
     round_chs_fn = partial(round_channels, multiplier=width)
@@ -221,49 +230,49 @@ register_pretrained_cfgs({
 })
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def mobilenetv1_100_ulsam(**kwargs: Any) -> MobileNetULSAM:
     """MobileNet-V1 1.0, layer L11 (``position``) replaced by ULSAM(512, g)."""
     return _create_mv1_ulsam(1.0, "replace", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def mobilenetv1_075_ulsam(**kwargs: Any) -> MobileNetULSAM:
     """MobileNet-V1 0.75, layer L11 (``position``) replaced by ULSAM(384, g)."""
     return _create_mv1_ulsam(0.75, "replace", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def mobilenetv1_050_ulsam(**kwargs: Any) -> MobileNetULSAM:
     """MobileNet-V1 0.5, layer L11 (``position``) replaced by ULSAM(256, g)."""
     return _create_mv1_ulsam(0.5, "replace", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def mobilenetv1_100_ulsam_add(**kwargs: Any) -> MobileNetULSAM:
     """MobileNet-V1 1.0 with ULSAM(512, g) inserted after layer L11 (``position``)."""
     return _create_mv1_ulsam(1.0, "add", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def mobilenetv2_100_ulsam_a(**kwargs: Any) -> MobileNetULSAM:
     """MobileNet-V2 1.0, last 96-ch and last 160-ch repeats replaced by ULSAM (paper cfg A)."""
     return _create_mv2_ulsam("a", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def mobilenetv2_100_ulsam_b(**kwargs: Any) -> MobileNetULSAM:
     """MobileNet-V2 1.0, both 160-ch repeats replaced by ULSAM (paper cfg B)."""
     return _create_mv2_ulsam("b", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def mobilenetv2_100_ulsam_c(**kwargs: Any) -> MobileNetULSAM:
     """MobileNet-V2 1.0, both 96-ch and both 160-ch repeats replaced by ULSAM (paper cfg C)."""
     return _create_mv2_ulsam("c", **kwargs)
 
 
-@register_model
+@register_model(feature_cfg=_FEATURES)
 def mobilenetv2_100_ulsam_add(**kwargs: Any) -> MobileNetULSAM:
     """MobileNet-V2 1.0 with ULSAM(160, g) inserted after the last 160-ch block."""
     return _create_mv2_ulsam("add", **kwargs)
