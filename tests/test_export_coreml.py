@@ -18,10 +18,35 @@ def exported(tmp_path_factory):
     return export_labelled_tiny(tmp_path_factory.mktemp("coreml"), "coreml", ("fp32", "fp16"), latency=False)
 
 
-def test_fp32_package_verified_by_mil_executor(exported):
-    _, report, _ = exported
+@pytest.fixture(scope="module")
+def exported_both(tmp_path_factory):
+    return export_labelled_tiny(tmp_path_factory.mktemp("coreml_both"), "coreml", ("fp32",), latency=False,
+                                coreml_inputs="both")
+
+
+def test_default_package_is_one_image_function_at_the_lowest_target(exported):
+    import coremltools as ct
+
+    _, report, out = exported
     r = report.result("coreml", "fp32")
     assert r.status == "ok", r.reason
+    fns = r.verification["functions"]
+    assert set(fns) == {"main"} and fns["main"]["input"] == "image"
+    assert fns["main"]["parity"]["n_samples"] == 64          # alone, the image function sees every image
+    assert fns["main"]["parity"]["rel_max_abs_diff"] <= 1e-4 and fns["main"]["parity"]["top1_agreement"] == 1.0
+    assert r.details["minimum_deployment_target"] == "iOS15" and r.details["minimum_macos"] == "macOS12"
+    # what the file itself declares: ML Program spec version 6 is iOS 15 / macOS 12
+    spec = ct.models.MLModel(str(out / "tiny_fp32.mlpackage"), skip_model_load=True).get_spec()
+    assert spec.specificationVersion == 6
+    assert spec.description.input[0].type.WhichOneof("Type") == "imageType"
+    assert spec.description.predictedFeatureName == "classLabel"
+
+
+def test_fp32_multifunction_package_verified_by_mil_executor(exported_both):
+    _, report, _ = exported_both
+    r = report.result("coreml", "fp32")
+    assert r.status == "ok", r.reason
+    assert r.details["minimum_deployment_target"] == "iOS18"
     fns = r.verification["functions"]
     assert set(fns) == {"main", "tensor"}
     assert fns["main"]["input"] == "image" and fns["tensor"]["input"] == "tensor"
@@ -31,10 +56,10 @@ def test_fp32_package_verified_by_mil_executor(exported):
         assert fn["parity"]["top1_agreement"] == 1.0
 
 
-def test_package_carries_what_an_app_needs(exported):
+def test_package_carries_what_an_app_needs(exported_both):
     import coremltools as ct
 
-    _, _, out = exported
+    _, _, out = exported_both
     spec = ct.models.MLModel(str(out / "tiny_fp32.mlpackage"), skip_model_load=True).get_spec()
     desc = spec.description
     functions = {f.name: f for f in desc.functions}

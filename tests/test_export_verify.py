@@ -23,14 +23,14 @@ def tiny_classifier(num_classes: int = 10) -> nn.Module:
     return m
 
 
-def export_labelled_tiny(out, formats: str, precisions: tuple[str, ...], latency: bool):
+def export_labelled_tiny(out, formats: str, precisions: tuple[str, ...], latency: bool, **options):
     """The tiny classifier with class labels, exported: the fixture of the per-format tests."""
     from vizoo.export import export_model
 
     model = tiny_classifier()
     model.labels = [f"class_{i}" for i in range(10)]
     report = export_model(model, formats=formats, precision=precisions, out_dir=out, name="tiny",
-                          latency=latency)
+                          latency=latency, **options)
     return model, report, out
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..layers.export_mode import export_mode
+from ..quiet import third_party_bars_hidden
 from .errors import diagnose
 from .spec import ImageInput, ModelSpec
 from .verify import RunFunction, Unverifiable
@@ -44,6 +45,21 @@ def _exported(spec: ModelSpec, image: bool) -> Any:
             except Exception as e:  # noqa: BLE001
                 raise diagnose(e, "coreml", spec.module, spec.example_inputs) from e
     return spec.cache[key]
+
+
+#: Deployment targets, oldest first. An ML Program needs iOS 15 / macOS 12; weight compression
+#: (constexpr ops) needs iOS 16; 4-bit linear weights and multifunction packages need iOS 18.
+TARGET_LADDER = ("iOS15", "iOS16", "iOS17")
+MACOS_OF_IOS = {"iOS15": "macOS12", "iOS16": "macOS13", "iOS17": "macOS14", "iOS18": "macOS15"}
+
+
+def deployment_targets(mode: str, compress: str) -> tuple[str, ...]:
+    """The targets to try, oldest first: the file gets the lowest one whose ops convert the model,
+    so it loads on as many of the devices an app supports as its ops allow."""
+    if mode == "both" or compress == "linear4":
+        return ("iOS18",)
+    floor = "iOS16" if compress in ("linear8", "palettize4") else "iOS15"
+    return TARGET_LADDER[TARGET_LADDER.index(floor):]
 
 
 def _convert_module(module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
@@ -73,7 +89,10 @@ def _compute_precision(precision: str, fp16_mode: str) -> Any:
     return ct.precision.FLOAT16
 
 
-def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any, fp16_mode: str = "all") -> Any:
+def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any, fp16_mode: str = "all",
+                 explain_failure: bool = True) -> Any:
+    """One function of the package. ``explain_failure=False``: raise the converter's own error
+    at once (a lower deployment target being tried), without the op-by-op diagnosis."""
     import coremltools as ct
 
     ep = _exported(spec, image)
@@ -95,19 +114,23 @@ def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any, fp16
     kwargs.update(inputs=inputs, minimum_deployment_target=target, compute_precision=compute,
                   convert_to="mlprogram")
     try:
-        return ct.convert(ep, **kwargs)
+        with third_party_bars_hidden():
+            return ct.convert(ep, **kwargs)
     except Exception as e:  # noqa: BLE001
         skip = _known_pass_failure(e)
         if skip:
             pipeline = ct.PassPipeline.DEFAULT
             pipeline.remove_passes([skip])
             try:
-                mlmodel = ct.convert(ep, pass_pipeline=pipeline, **kwargs)
+                with third_party_bars_hidden():
+                    mlmodel = ct.convert(ep, pass_pipeline=pipeline, **kwargs)
             except Exception:  # noqa: BLE001 - report the original error below
                 pass
             else:
                 spec.cache["coreml_skipped_passes"] = [skip]
                 return mlmodel
+        if not explain_failure:
+            raise
         with export_mode(spec.model):
             raise diagnose(e, "coreml", spec.module, spec.example_inputs, _convert_module) from e
 
@@ -174,16 +197,24 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
     compress = options["compress"]
     if precision == "int8" and compress == "none":
         compress = "linear8"
-    target = ct.target.iOS18 if (mode == "both" or compress == "linear4") else ct.target.iOS17
-    functions: dict[str, Any] = {}
     fp16_mode = "fp32" if precision == "fp32" else options.get("fp16_mode", "all")
-    if mode in ("both", "image"):
-        functions[IMAGE_FUNCTION if mode == "both" else "main"] = _convert_one(spec, True, precision, target,
-                                                                                fp16_mode)
-    if mode in ("both", "tensor"):
-        functions[TENSOR_FUNCTION if mode == "both" else "main"] = _convert_one(spec, False, precision, target,
-                                                                                 fp16_mode)
-    functions = {k: _compress(m, compress, spec) for k, m in functions.items()}
+    names = {"both": (IMAGE_FUNCTION, TENSOR_FUNCTION), "image": ("main",), "tensor": ("main",)}[mode]
+    kinds = {"both": (True, False), "image": (True,), "tensor": (False,)}[mode]
+    ladder = deployment_targets(mode, compress)
+    tried: list[str] = []
+    for i, target_name in enumerate(ladder):
+        target = getattr(ct.target, target_name)
+        last = i == len(ladder) - 1
+        try:
+            functions = {n: _convert_one(spec, image, precision, target, fp16_mode, explain_failure=last)
+                         for n, image in zip(names, kinds)}
+            break
+        except Exception as e:  # noqa: BLE001 - a lower target lacks an op: try the next one
+            if last:
+                raise
+            tried.append(f"{target_name}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    with third_party_bars_hidden():
+        functions = {k: _compress(m, compress, spec) for k, m in functions.items()}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".coreml-") as scratch:
         if len(functions) == 1:
             mlmodel = next(iter(functions.values()))
@@ -205,7 +236,9 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
     return {"functions": {name: "image" if name == image_fn else "tensor" for name in functions},
             "compute_precision": {"fp32": "fp32", "all": "fp16",
                                   "mixed": "fp16 in " + "/".join(sorted(FP16_MIXED_OPS)) + ", fp32 elsewhere"}[fp16_mode],
-            "weight_compression": compress, "minimum_deployment_target": target.name,
+            "weight_compression": compress, "minimum_deployment_target": target_name,
+            "minimum_macos": MACOS_OF_IOS[target_name],
+            "lower_targets_refused": tried,
             "skipped_graph_passes": spec.cache.get("coreml_skipped_passes", []),
             # compressed weights are judged with the int8 bounds, whatever the compute precision
             "judged_as": "int8" if compress != "none" else precision,

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..quiet import native_stderr_filtered
+
 INSTALL_HINT = "pip install 'vizoo[export]'"
 
 
@@ -54,7 +56,8 @@ def require(modules: tuple[str, ...], what: str) -> None:
     missing = []
     for name in modules:
         try:
-            importlib.import_module(name)
+            with native_stderr_filtered():  # converters print start-up banners when imported
+                importlib.import_module(name)
         except ImportError:
             missing.append(name)
     if missing:

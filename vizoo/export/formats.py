@@ -56,17 +56,20 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
     ExportFormat(
         name="coreml", title="CoreML", suffix=".mlpackage", precisions=PRECISIONS,
         options={
-            "coreml_inputs": ("both", "image", "tensor"),
+            "coreml_inputs": ("image", "both", "tensor"),
             "compress": ("none", "linear8", "linear4", "palettize4"),
             "fp16_mode": ("auto", "all", "mixed"),
         },
         option_help={
-            "coreml_inputs": "both: one package with function 'main' taking a camera image "
-                             "(ct.ImageType, mean/std folded in) and function 'tensor' taking a "
-                             "normalised tensor (multifunction, iOS 18+); image or tensor: one "
-                             "function only (iOS 17+)",
-            "compress": "weight compression by coremltools.optimize: 8-bit linear, 4-bit linear "
-                        "(iOS 18+) or 4-bit k-means palettization; int8 precision means linear8",
+            "coreml_inputs": "image: one function 'main' taking a camera image (ct.ImageType, "
+                             "mean/std folded in) with the class labels, at the lowest deployment "
+                             "target its ops allow (iOS 15 for the zoo's models; iOS 16 with "
+                             "compressed weights); both: also a function 'tensor' taking a "
+                             "normalised tensor, one multifunction package (iOS 18+); tensor: "
+                             "the tensor function only",
+            "compress": "weight compression by coremltools.optimize: 8-bit linear (iOS 16+), 4-bit "
+                        "linear (iOS 18+) or 4-bit k-means palettization (iOS 16+); int8 "
+                        "precision means linear8",
             "fp16_mode": "files computed in fp16 (fp16, int8): all: every op in fp16; mixed: only "
                          "conv/linear/matmul in fp16, the other ops (norms, softmax, residual adds) "
                          "in fp32; auto: all, else mixed when all misses the bounds (without "

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..layers.export_mode import export_mode
+from ..quiet import native_stderr_filtered
 from . import quantize
 from .errors import ConversionError, MissingDependencyError, diagnose
 from .spec import ModelSpec
@@ -28,18 +29,33 @@ SIGNATURE = "serving_default"
 def interpreter_class() -> tuple[type, str]:
     """ai-edge-litert's Interpreter, or tflite_runtime's for users who have only that."""
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        with native_stderr_filtered():
+            from ai_edge_litert.interpreter import Interpreter
 
-        return Interpreter, "ai-edge-litert"
+        return _Quiet(Interpreter), "ai-edge-litert"
     except ImportError:
         pass
     try:
         from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
 
-        return Interpreter, "tflite_runtime"
+        return _Quiet(Interpreter), "tflite_runtime"
     except ImportError:
         raise MissingDependencyError("running .tflite files needs ai-edge-litert: install "
                                      "vizoo[export] (pip install 'vizoo[export]')") from None
+
+
+class _Quiet:
+    """An Interpreter class whose instances are built, and their tensors allocated, with the
+    runtime's "Created TensorFlow Lite XNNPACK delegate" banner hidden (see ``vizoo.quiet``)."""
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with native_stderr_filtered():
+            it = self.cls(*args, **kwargs)
+            it.allocate_tensors()
+        return it
 
 
 def _to_nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +65,8 @@ def _to_nhwc(x: torch.Tensor) -> torch.Tensor:
 def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any],
             calibration_data: Any = None) -> dict[str, Any]:
     """Write ``path`` (a .tflite); return what the report and the sidecar need."""
-    import litert_torch
+    with native_stderr_filtered():
+        import litert_torch
 
     litert_torch.config.show_progress = False
     nhwc = options["layout"] == "nhwc" and spec.image_input
@@ -61,7 +78,8 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
         key = ("tflite_fp32", nhwc)
         if key not in spec.cache:  # every precision starts from the same fp32 flatbuffer
             try:
-                spec.cache[key] = bytes(litert_torch.convert(module.eval(), args).model_content())
+                with native_stderr_filtered():
+                    spec.cache[key] = bytes(litert_torch.convert(module.eval(), args).model_content())
             except Exception as e:  # noqa: BLE001 - every converter failure gets explained
                 raise diagnose(e, "tflite", spec.module, spec.example_inputs,
                                lambda m, a: litert_torch.convert(m.eval(), a)) from e

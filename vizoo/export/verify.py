@@ -235,7 +235,9 @@ def verify_functions(functions: Sequence[RunFunction], spec: ModelSpec, precisio
     problems = []
     for fn in functions:
         inputs = _fn_inputs(fn, pin)
-        n = len(inputs) if fn.kind == "tensor" else min(len(inputs), image_samples)
+        # A camera-image function beside a tensor function is spot-checked; alone, it gets them all.
+        alone = len(functions) == 1
+        n = len(inputs) if fn.kind == "tensor" or alone else min(len(inputs), image_samples)
         got = run_all(fn, inputs[:n])
         rows = n * spec.batch_size  # reference rows are images; a sample holds batch_size of them
         p = parity([r[:rows] for r in ref], got, spec.classifier)
