@@ -310,6 +310,24 @@ def test_visualize_cli_writes_one_panel_per_reorganising_block(tmp_path, capsys)
     assert "does not reorganise tokens" in capsys.readouterr().err
 
 
+def test_visualize_out_may_be_a_folder(tmp_path, capsys):
+    from vizoo.cli import main
+    from vizoo.hub import save_model
+    from vizoo.visualize import DEFAULT_OUT, output_png
+
+    ckpt = save_model(vizoo.create_model(f"{SMALL32}.r0p7_fuse"), tmp_path / "evit.safetensors")
+    existing = tmp_path / "figures.v1"  # an existing folder, even one with a dot in its name
+    existing.mkdir()
+    for out, expected in ((existing, existing / DEFAULT_OUT),
+                          (f"{tmp_path / 'new'}/", tmp_path / "new" / DEFAULT_OUT),    # trailing separator
+                          (tmp_path / "plain", tmp_path / "plain" / DEFAULT_OUT)):     # no suffix
+        assert main(["visualize", "--checkpoint", str(ckpt), "--photos", "1", "--out", str(out)]) == 0
+        assert expected.is_file() and f"written: {expected}" in capsys.readouterr().out
+    assert output_png(tmp_path / "kept.png") == tmp_path / "kept.png"
+    assert main(["visualize", "--checkpoint", str(ckpt), "--photos", "1", "--out", str(tmp_path / "k.xyz")]) == 2
+    assert "give a .png file or a folder" in capsys.readouterr().err
+
+
 # --- exported files -------------------------------------------------------------------------------
 
 def test_exported_tflite_and_coreml_match_eager(tmp_path):

@@ -85,3 +85,56 @@ def test_cli_bench_prints_table_and_writes_csv(tmp_path, capsys):
     rows = list(csv.DictReader(out.open()))
     assert rows[0]["backend"] == "torch" and float(rows[0]["median_ms"]) > 0
     assert int(rows[0]["runs"]) >= 3 and rows[0]["input"] == "1x3x32x32"
+
+
+def _tiny_classifier() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 5)).eval()
+
+
+def test_input_size_may_be_the_tensor_shape_with_batch(tmp_path):
+    report = vizoo.export(_tiny_classifier(), formats="tflite", input_size=(1, 3, 32, 32), out_dir=tmp_path,
+                          name="tiny", verify_images=4, latency=False)
+    r = report.result("tflite", "fp32")
+    assert r.status == "ok", r.reason
+    assert report.input["shapes"] == [[1, 3, 32, 32]]
+    # B disagreeing with batch_size, or a 5-D size, is refused with what to give
+    with pytest.raises(ValueError, match="batch 2 but batch_size is 3"):
+        vizoo.export(_tiny_classifier(), formats="tflite", input_size=(2, 3, 32, 32), batch_size=3,
+                     out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        vizoo.export(_tiny_classifier(), formats="tflite", input_size=(1, 1, 3, 32, 32), out_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("case", ["missing folder", "empty folder", "wrong channels", "wrong size"])
+def test_bad_calibration_data_fails_before_any_conversion(tmp_path, case):
+    import time
+
+    data = {"missing folder": tmp_path / "no_such_folder", "empty folder": tmp_path / "empty",
+            "wrong channels": torch.rand(8, 1, 32, 32), "wrong size": torch.rand(8, 3, 64, 64)}[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        # int8_mode auto would otherwise fall back to a dynamic-range file that needs no calibration
+        vizoo.export(_tiny_classifier(), formats="tflite", precision="int8", input_size=32,
+                     calibration_data=data, out_dir=out, latency=False)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    expected = {"missing folder": "does not exist", "empty folder": "has no images",
+                "wrong channels": "(3, 32, 32)", "wrong size": "(3, 32, 32)"}[case]
+    assert expected in message and "pass a folder of images" in message
+    assert not out.exists()                      # nothing converted, nothing written
+    assert time.perf_counter() - t0 < 10
+
+
+def test_cli_missing_calibration_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    code = vizoo_main(["export", "timm:mobilenetv2_050", "--format", "tflite", "--precision", "int8",
+                       "--img-size", "32", "--calibration", str(tmp_path / "missing"),
+                       "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "calibration folder" in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()

@@ -2,16 +2,37 @@
 
     vizoo visualize evit_deit_small_patch16_224.r0p7_fuse cat.jpg dog.jpg --pretrained weights.pth
     vizoo visualize --checkpoint runs/evit/best.safetensors --photos 4 --keep-rate 0.5 --out kept.png
+    vizoo visualize cat.jpg --photos 2 --out figures/     # a folder: evit_kept_patches*.png in it
 
 Without weights the kept patches are those of a randomly initialised network (a warning says so).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from pathlib import Path
 
 DEFAULT_MODEL = "evit_deit_small_patch16_224.r0p7_fuse"
+DEFAULT_OUT = "evit_kept_patches.png"
+
+
+def output_png(out: str | Path) -> Path:
+    """The PNG to write for ``--out``: a folder (existing, ending in a separator, or without a
+    suffix) gets the default name inside it.
+
+    Why: ``--out some/folder`` is the natural thing to type, and PIL would otherwise refuse it
+    with "unknown file extension" only after the model has run.
+    """
+    from PIL import Image
+
+    text = str(out)
+    path = Path(out)
+    if path.is_dir() or text.endswith(("/", os.sep)) or not path.suffix:
+        return path / DEFAULT_OUT
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {text}: {path.suffix!r} is not an image type; give a .png file or a folder")
+    return path
 
 
 def _load(name: str | None, checkpoint: str | None, pretrained: str | None):
@@ -31,18 +52,21 @@ def _load(name: str | None, checkpoint: str | None, pretrained: str | None):
 def visualize_kept_patches(name: str | None, images: list[str], out: str | Path, photos: int = 0,
                            checkpoint: str | None = None, pretrained: str | None = None,
                            keep_rate: float | None = None) -> list[Path]:
-    """Write one PNG for the image files and one for ``photos`` bundled photographs; returns paths."""
+    """Write one PNG for the image files and one for ``photos`` bundled photographs; returns paths.
+
+    ``out``: the PNG, or a folder to write ``evit_kept_patches.png`` (and ``..._photos.png``) into.
+    """
     from vizoo.data.bundled import photo_images
     from vizoo.models.evit import EViT
     from vizoo.models.evit_visualize import save_kept_patches
 
     if not images and not photos:
         raise ValueError("give image files or --photos N (bundled photographs)")
+    out = output_png(out)  # before the model is built: a bad --out fails at once
     model = _load(name, checkpoint, pretrained).eval()
     if not isinstance(model, EViT):
         raise ValueError(f"{type(model).__name__} does not reorganise tokens: use an EViT model "
                          "(`vizoo list 'evit*'`)")
-    out = Path(out)
     written = []
     if images:
         written.append(save_kept_patches(model, images, out, keep_rate))
@@ -76,5 +100,5 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", help="'true' (the configured source), a path or a URL")
     p.add_argument("--keep-rate", type=float, default=None, help="keep rate to show (default: the model's)")
     p.add_argument("--photos", type=int, default=0, help="also draw N bundled photographs")
-    p.add_argument("--out", default="evit_kept_patches.png", help="PNG to write")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"PNG to write, or a folder (a {DEFAULT_OUT} in it)")
     p.set_defaults(func=_cmd_visualize)

@@ -23,7 +23,7 @@ A task adapter owns the rest, through this interface (`TaskAdapter`):
 ``higher_is_better``        direction of ``primary_metric``
 ==========================  ============================================================
 
-How the other methods of the zoo plug in (see /work/shared/specs/detection-diffusion-continual.md):
+How the other methods of the zoo plug in (as each method's paper and official code train it):
 
 - **Detection (StageInteractor)**: ``load_data`` reads COCO-json (procedural shapes bundled);
   a batch is ``(images padded to a common size, [target dicts with boxes/labels/img_shape]))``
@@ -266,6 +266,8 @@ def resolved_img_size(cfg: TrainConfig, model: nn.Module | None) -> int:
 
 
 TASKS: dict[str, type[TaskAdapter]] = {"classification": ClassificationTask}
+#: adapters registered on first use ("module:Class"), so classification never imports their dependencies
+LAZY_TASKS: dict[str, str] = {"detection": "vizoo.engine.detection:DetectionTask"}
 
 
 def register_task(cls: type[TaskAdapter]) -> type[TaskAdapter]:
@@ -275,10 +277,18 @@ def register_task(cls: type[TaskAdapter]) -> type[TaskAdapter]:
 
 
 def create_task(cfg: TrainConfig) -> TaskAdapter:
-    if cfg.task not in TASKS:
+    name = cfg.task
+    if name == "auto":  # a config built directly, not through from_dict: the model's registered task
+        from .config import infer_task
+
+        name = infer_task(cfg.model, cfg.imports)
+    if name not in TASKS and name in LAZY_TASKS:
+        module, _, attr = LAZY_TASKS[name].partition(":")
+        register_task(getattr(importlib.import_module(module), attr))
+    if name not in TASKS:
         # An adapter may live in a module the user imports with --imports; try "pkg.mod:Class" too.
-        module, _, attr = cfg.task.partition(":")
+        module, _, attr = name.partition(":")
         if attr:
             return getattr(importlib.import_module(module), attr)(cfg)
-        raise ValueError(f"unknown task {cfg.task!r}; available: {sorted(TASKS)} (or 'module:Class')")
-    return TASKS[cfg.task](cfg)
+        raise ValueError(f"unknown task {name!r}; available: {sorted({*TASKS, *LAZY_TASKS})} (or 'module:Class')")
+    return TASKS[name](cfg)

@@ -1,8 +1,8 @@
 """`export_model`: convert, verify and time a model for each format and precision asked for.
 
-Every check a user could fail (format, precision, options, installed converters, input size)
-runs before the first conversion. A conversion failure is written to the report (op, module
-path, fix) and the other formats still export; files land only when complete.
+Every check a user could fail (format, precision, options, installed converters, input size,
+calibration data) runs before the first conversion. A conversion failure is written to the
+report (op, module path, fix) and the other formats still export; files land only when complete.
 """
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_path, write_json_atomic
+from ..quiet import third_party_bars_hidden
 from .errors import ConversionError, require
 from .formats import FORMATS, PRECISIONS, ExportFormat, all_options, get_format
+from .quantize import check_calibration_data
 from .report import ExportReport, FormatResult, converter_versions, path_size
 from .spec import ModelSpec, resolve_spec
 from .verify import ParityInputs, Unverifiable, labelled_inputs, parity_inputs, verify_functions
@@ -71,13 +73,13 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
     """Export ``model`` to each format at each precision, verify each file, write report.json.
 
     ``model``: an nn.Module (vizoo, timm or your own; plain modules need ``input_size``) or a
-    registered vizoo name (``timm:NAME`` for timm). ``input_size``: int, (H, W) or (C, H, W);
-    default the model's ``pretrained_cfg['input_size']``. Shapes are static (batch
-    ``batch_size``). ``precision``: "fp32", "fp16", "int8" or a list of them.
-    ``calibration_data``: images for int8 (folder, or (N, C, H, W) in [0, 1]); default the
-    bundled photographs. ``verify_data``: your own images (N, C, H, W) in [0, 1], or
-    ``(images, labels)`` to also report each file's accuracy and its delta to PyTorch; default
-    ``verify_images`` bundled photographs. ``options``: format options from :data:`vizoo.export.formats.FORMATS`
+    registered vizoo name (``timm:NAME`` for timm). ``input_size``: int, (H, W), (C, H, W) or
+    (B, C, H, W) (B is then the batch size); default the model's ``pretrained_cfg['input_size']``.
+    Shapes are static (batch ``batch_size``). ``precision``: "fp32", "fp16", "int8" or a list of them.
+    ``calibration_data``: images for int8 (folder, or (N, C, H, W) in [0, 1]), checked before
+    any conversion; default the bundled photographs. ``verify_data``: your own images
+    (N, C, H, W) in [0, 1], or ``(images, labels)`` to also report each file's accuracy and its
+    delta to PyTorch; default ``verify_images`` bundled photographs. ``options``: format options from :data:`vizoo.export.formats.FORMATS`
     (``layout``, ``int8_mode``, ``coreml_inputs``, ``compress``, ``fp16_mode``).
     Returns the report (also written to ``out_dir/report.json``).
     """
@@ -90,6 +92,7 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
         name = name or model
         model = build_model(model)
     spec = resolve_spec(model, input_size, name=name, batch_size=batch_size)
+    check_calibration_data(spec, calibration_data)
     out = Path(out_dir) if out_dir is not None else Path("exports") / spec.stem
     out.mkdir(parents=True, exist_ok=True)
 
@@ -138,7 +141,7 @@ def _export_one(spec: ModelSpec, fmt: ExportFormat, precision: str, options: dic
     path = out / f"{spec.stem}_{precision}{fmt.suffix}"
     t0 = time.perf_counter()
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, third_party_bars_hidden():
             details = impl.convert(spec, tmp, precision, options, calibration_data)
     except ConversionError as e:
         return FormatResult(fmt.name, precision, "failed", str(e), error=e.to_dict(),

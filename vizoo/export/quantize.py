@@ -48,6 +48,48 @@ def load_image_folder(folder: str | os.PathLike, size: tuple[int, int], chans: i
     return x
 
 
+def check_calibration_data(spec: ModelSpec, calibration_data: Any) -> None:
+    """Raise ValueError (one line: what to pass) when ``calibration_data`` cannot calibrate ``spec``.
+
+    Why before any conversion: inside an export a calibration failure is one failed attempt, and
+    ``int8_mode="auto"`` would go on to a dynamic-range file that needs no calibration, so a typo
+    in a folder name silently gave a different kind of file. Cheap: a folder is only listed.
+    """
+    if calibration_data is None:
+        return
+    what = ("pass a folder of images (" + ", ".join(IMAGE_SUFFIXES) + ") or a tensor (N, "
+            + ", ".join(map(str, spec.input_size)) + ") of images in [0, 1], or nothing to calibrate "
+            "on the bundled photographs")
+    if isinstance(calibration_data, (str, os.PathLike)):
+        folder = Path(calibration_data)
+        if not spec.image_input:
+            raise ValueError("a folder of images cannot calibrate this model (its inputs are not one "
+                             "image): pass calibration_data as a list of input tuples")
+        if not folder.exists():
+            raise ValueError(f"calibration folder {folder} does not exist: {what}")
+        if not folder.is_dir():
+            raise ValueError(f"calibration data {folder} is not a folder: {what}")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file()):
+            raise ValueError(f"calibration folder {folder} has no images: {what}")
+        return
+    if isinstance(calibration_data, (torch.Tensor, np.ndarray)):
+        if not spec.image_input:
+            raise ValueError("a tensor of images cannot calibrate this model (its inputs are not one "
+                             "image): pass calibration_data as a list of input tuples")
+        shape = tuple(calibration_data.shape)
+        if len(shape) != 4 or shape[1:] != tuple(spec.input_size):
+            raise ValueError(f"calibration_data has shape {shape} but this export's input is "
+                             f"{tuple(spec.input_size)}: {what}")
+        if shape[0] < spec.batch_size:
+            raise ValueError(f"calibration_data has {shape[0]} images, fewer than the batch size "
+                             f"{spec.batch_size}: {what}")
+        calibration_samples(spec, calibration_data)  # the value range
+        return
+    if hasattr(calibration_data, "__len__") and len(calibration_data) == 0:
+        raise ValueError("calibration_data is empty: " + (what if spec.image_input else
+                                                          "pass a list of input tuples"))
+
+
 def calibration_samples(spec: ModelSpec, calibration_data: Any = None,
                         n: int = 64) -> list[tuple[torch.Tensor, ...]]:
     """Representative inputs in the model's own input space (normalised, NCHW, batch as exported).

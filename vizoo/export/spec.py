@@ -143,13 +143,42 @@ def _normalize_input_size(input_size: Any, cfg_size: Sequence[int] | None) -> tu
     elif isinstance(input_size, (int, np.integer)):
         size = (chans, int(input_size), int(input_size))
     else:
-        size = tuple(input_size)
+        try:
+            size = () if isinstance(input_size, str) else tuple(input_size)
+        except TypeError:  # not a shape at all (e.g. a float): the error below says what to give
+            size = ()
         if len(size) == 2:
             size = (chans, *size)
     if len(size) != 3 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in size):
         raise InputSizeError(f"input size {input_size!r} is not valid: give an int (square side), "
-                             "(H, W) or (C, H, W) of positive integers, e.g. 224 or (3, 224, 224)")
+                             "(H, W), (C, H, W) or (B, C, H, W) of positive integers, e.g. 224, "
+                             "(3, 224, 224) or (1, 3, 224, 224)")
     return tuple(int(v) for v in size)  # type: ignore[return-value]
+
+
+def split_batch(input_size: Any, batch_size: int = 1) -> tuple[Any, int]:
+    """``(B, C, H, W)`` -> ``((C, H, W), B)``; any other input size comes back unchanged.
+
+    Why: users naturally write the shape of the tensor they feed (``x.shape``); the batch is
+    ``batch_size`` everywhere else, so the two must not disagree (``batch_size`` left at 1 takes B).
+    """
+    if input_size is None or isinstance(input_size, (int, np.integer, str)):
+        return input_size, batch_size
+    try:
+        size = tuple(input_size)
+    except TypeError:  # not a shape: _normalize_input_size says what to give
+        return input_size, batch_size
+    if len(size) != 4:
+        return input_size, batch_size
+    b = size[0]
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+        raise InputSizeError(f"input size {input_size!r}: the batch B of (B, C, H, W) must be a "
+                             "positive int, e.g. (1, 3, 224, 224)")
+    if batch_size not in (1, int(b)):
+        raise InputSizeError(f"input size {input_size!r} has batch {int(b)} but batch_size is "
+                             f"{batch_size}: give the batch once (input_size=(C, H, W) with "
+                             "batch_size, or (B, C, H, W) alone)")
+    return size[1:], int(b)
 
 
 def _first_conv_in_chans(model: nn.Module) -> int | None:
@@ -161,9 +190,13 @@ def _first_conv_in_chans(model: nn.Module) -> int | None:
 
 def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = None,
                  batch_size: int = 1) -> ModelSpec:
-    """Resolve shapes, preprocessing and labels, and check the input size by running the model."""
+    """Resolve shapes, preprocessing and labels, and check the input size by running the model.
+
+    ``input_size``: int, (H, W), (C, H, W) or (B, C, H, W) (B then sets ``batch_size``).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module or a registered model name, got {type(model).__name__}")
+    input_size, batch_size = split_batch(input_size, batch_size)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputSizeError(f"batch_size must be a positive int, got {batch_size!r}")
     model.eval()

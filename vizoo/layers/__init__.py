@@ -1,1 +1,36 @@
-"""Reusable blocks of the zoo's methods, one concept a module."""
+"""Reusable blocks of the zoo's methods, one concept a module.
+
+The public names are re-exported here (as ``timm.layers`` does) so a user builds their own model
+with ``from vizoo.layers import EvoNorm2dS0, ULSAM`` without knowing the module layout. The
+modules import only torch/timm and each other, never ``vizoo`` itself, so this package can be
+imported first without a cycle.
+"""
+from .aff import AdaptiveFrequencyFilter
+from .dft import (hermitian_project, irfft2_ortho, irfft2_ortho_nhwc, num_rfft_cols, rfft2_ortho,
+                  rfft2_ortho_nhwc)
+from .evonorm import (EVONORM_LAYERS, EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dS0, EvoNorm2dS0a, EvoNorm2dS1,
+                      evonorm_norm_act, get_evonorm_layer, group_std, instance_std, resolve_num_groups,
+                      tf_num_groups)
+from .export_mode import ExportAware, export_mode, has_export_form
+from .norm_act_convert import (ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, NormActConversionError,
+                               convert_norm_act)
+from .token_reorg import EXPORT_FORMS as TOKEN_REORG_EXPORT_FORMS
+from .token_reorg import TokenReorganizer, class_attention, keep_count
+from .ulsam import OFFICIAL_BN_MOMENTUM, ULSAM, ulsam_checkpoint_filter
+
+__all__ = [
+    # EvoNorm (evonorm.py) and the BN+act -> EvoNorm converter (norm_act_convert.py)
+    "EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EVONORM_LAYERS",
+    "get_evonorm_layer", "evonorm_norm_act", "tf_num_groups", "resolve_num_groups", "instance_std",
+    "group_std", "convert_norm_act", "NormActConversionError", "ACTIVATION_MODULES",
+    "ACTIVATION_FUNCTIONS",
+    # ULSAM (ulsam.py)
+    "ULSAM", "OFFICIAL_BN_MOMENTUM", "ulsam_checkpoint_filter",
+    # AFFNet's token mixer (aff.py) and its FFT-free DFT (dft.py)
+    "AdaptiveFrequencyFilter", "rfft2_ortho", "irfft2_ortho", "rfft2_ortho_nhwc", "irfft2_ortho_nhwc",
+    "hermitian_project", "num_rfft_cols",
+    # EViT token reorganisation (token_reorg.py)
+    "TokenReorganizer", "keep_count", "class_attention", "TOKEN_REORG_EXPORT_FORMS",
+    # export forms (export_mode.py)
+    "ExportAware", "export_mode", "has_export_form",
+]
