@@ -10,6 +10,10 @@
                                checkpoint every N updates
         evaluate (sharded, reduced exactly), write last/best/state, metrics.jsonl, curves
 
+Ctrl-C (SIGINT) during `Trainer.fit` only sets a flag (`_InterruptWatch`); the loop reads it at
+step boundaries (after a whole optimizer step, never inside one), writes the same checkpoint
+`--checkpoint-every` writes there, and raises `TrainingInterrupted` (a KeyboardInterrupt).
+
 Parts reused, not rewritten: timm.optim.create_optimizer_v2, timm.scheduler.create_scheduler_v2
 (stepped per update, so a mid-epoch resume gets exactly the same learning rate),
 timm.utils.ModelEmaV3, timm.utils.dispatch_clip_grad, timm losses and Mixup (in the task),
@@ -19,15 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from types import FrameType
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -44,6 +52,113 @@ from .tasks import TaskAdapter, TaskData, create_task, resolved_img_size
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint is untouched."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `Trainer.fit` at a step boundary, after a resumable checkpoint was written.
+
+    A KeyboardInterrupt, so code that already stops on Ctrl-C keeps doing so; it carries where the
+    run stopped so that `vizoo train` can print one line and exit with 130 instead of a traceback.
+    ``epoch`` is 1-based (the epoch in progress), ``step`` counts optimizer steps done in it.
+    """
+
+    def __init__(self, run_dir: Path, state_path: Path, epoch: int, epochs: int, step: int, steps: int,
+                 updates: int):
+        self.run_dir, self.state_path = Path(run_dir), Path(state_path)
+        self.epoch, self.epochs, self.step, self.steps, self.updates = epoch, epochs, step, steps, updates
+        super().__init__(f"{self.where}: checkpoint saved in {self.run_dir}; continue with "
+                         f"train(..., out={str(self.run_dir)!r}, resume='auto') or "
+                         f"`vizoo train --resume --out {self.run_dir}`")
+
+    @property
+    def where(self) -> str:
+        return f"interrupted at epoch {self.epoch}/{self.epochs}, step {self.step}/{self.steps}"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (e.g. out of a worker process) despite __init__
+        return type(self), (self.run_dir, self.state_path, self.epoch, self.epochs, self.step, self.steps,
+                            self.updates)
+
+
+class _StopRequested(Exception):
+    """Internal: unwinds from a stop point to `Trainer.fit`, which checkpoints and raises
+    `TrainingInterrupted` (an exception, so no loop needs a "stopping" return path)."""
+
+
+class _InterruptWatch:
+    """While entered, SIGINT sets ``requested`` instead of raising KeyboardInterrupt.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, usually inside
+    autograd or between optimizer.step and the EMA/scheduler updates, so a run stopped that way
+    cannot be checkpointed consistently. The flag is read at step boundaries instead. A second
+    SIGINT restores the previous handler and re-delivers the signal (default: KeyboardInterrupt at
+    once), so a step that hangs can still be stopped. Repeats within ``grace_s`` of the first count
+    as the same interrupt (torchrun forwards the Ctrl-C that the terminal already sent each worker).
+    Only the main thread can own signal handlers, and a SIGINT the parent process ignores
+    (background jobs of a non-interactive shell) stays ignored: then the watch does nothing.
+    """
+
+    def __init__(self, grace_s: float = 0.0):
+        self.requested = False
+        self._grace_s = grace_s
+        self._first_at = 0.0
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> "_InterruptWatch":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if previous in (signal.SIG_IGN, None):  # None: a handler not installed from Python; leave it
+            return self
+        self._previous = previous
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    @property
+    def stop(self) -> bool:
+        """Ctrl-C arrived while the watch is on; False once it is off, so that evaluations run
+        after `fit` returned or raised are not cut short by an old Ctrl-C."""
+        return self.requested and self._installed
+
+    def _restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if not self.requested:
+            self.requested, self._first_at = True, now
+            return
+        if now - self._first_at < self._grace_s:
+            return
+        self._restore()
+        signal.raise_signal(signum)  # the previous handler runs now (KeyboardInterrupt, or the default kill)
+
+
+def _duplicate_sigint_grace() -> float:
+    """Under torchrun a Ctrl-C reaches each worker twice: from the terminal and forwarded by the
+    launcher moments later. Those must not count as the second, "stop at once" Ctrl-C."""
+    return 1.0 if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
+
+
+def _worker_ignores_sigint(worker_id: int, then: Callable[[int], None] | None = None) -> None:
+    """DataLoader worker start: a terminal's Ctrl-C reaches the workers too, and torch's worker
+    exits on it, so the main process, which is finishing its step to checkpoint, would die on
+    "worker exited unexpectedly". Workers leave SIGINT to the main process; they still stop with
+    it (the loader shuts them down, and they exit when the main process is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
+
+
+def _leave_sigint_to_main_process(loader: Any) -> None:
+    if loader.num_workers > 0:
+        loader.worker_init_fn = functools.partial(_worker_ignores_sigint, then=loader.worker_init_fn)
 
 
 @dataclass
@@ -75,6 +190,9 @@ class Trainer:
         self.cfg.validate()
         self._given_model = model
         self.env: DistEnv | None = None
+        self._interrupt = _InterruptWatch()  # replaced by an installed one for the duration of fit()
+        self._rng_before_eval: dict[str, Any] | None = None
+        self._saved_position: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ logging
     def log(self, msg: str) -> None:
@@ -145,6 +263,7 @@ class Trainer:
         if self.resume_from is not None:
             self._load_state(self.resume_from)
             self.last_saved_update = self.updates
+            self._saved_position = self._position()
         else:
             seed_everything(cfg.seed + env.rank)  # per-process streams for dropout / mixup
             if env.is_main:
@@ -184,6 +303,8 @@ class Trainer:
         self.val_loader = eval_loader(self.data.splits["val"], cfg.eval_batch_size or 2 * cfg.batch_size,
                                       rank=env.rank, world_size=env.world_size, num_workers=cfg.num_workers,
                                       collate_fn=self.task.collate_fn, pin_memory=pin)
+        for loader in (self.train_loader, self.val_loader):
+            _leave_sigint_to_main_process(loader)
         self.batches_per_epoch = len(self.train_loader.batch_sampler)
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.accum_steps)
 
@@ -282,15 +403,41 @@ class Trainer:
                 save_model(self.ema.module, self.paths.last_ema, labels=labels, extra=extra)
             save_state(self.paths.state, state)
         self.last_saved_update = self.updates
+        self._saved_position = self._position()
         barrier(self.env)
+
+    def _position(self) -> tuple[int, int, int]:
+        """Where the run is: a checkpoint written at the same position would be the same file."""
+        return self.epoch, self.batch_in_epoch, self.updates
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
+        """Train to ``cfg.epochs``, then evaluate the best weights.
+
+        Ctrl-C stops at the next step boundary: the current optimizer step (all its micro-batches,
+        then EMA, scheduler and counters) completes, the checkpoint `--checkpoint-every` would write
+        there is written (in validation: the one before it; validation reruns on resume), and
+        `TrainingInterrupted` is raised. Under torchrun every process stops at the same step.
+        """
         if self.env is None:
             self.setup()
-        cfg, env = self.cfg, self.env
+        self._interrupt = _InterruptWatch(grace_s=_duplicate_sigint_grace())
+        with self._interrupt:
+            try:
+                result = self._run_epochs()
+            except _StopRequested:
+                raise self._checkpoint_interrupted() from None
+        shutdown(self.env)
+        return result
+
+    def _run_epochs(self) -> TrainResult:
+        cfg = self.cfg
         while self.epoch < cfg.epochs:
+            self._stop_point()  # e.g. Ctrl-C while the previous epoch wrote its files
             train_stats = self._train_one_epoch()
+            self._stop_point()
+            # Validation may draw random numbers; an interrupted one is redone from these streams.
+            self._rng_before_eval = capture_rng()
             t_eval = time.perf_counter()
             val = self.evaluate_model(self._eval_model())
             record = {"epoch": self.epoch + 1, "train_loss": train_stats["loss"], "val_loss": val["loss"],
@@ -303,10 +450,33 @@ class Trainer:
                 raw = self.evaluate_model(self.model)
                 record.update({"val_top1_no_ema": raw.get("top1"), "val_loss_no_ema": raw["loss"]})
             record["seconds"] = round(train_stats["seconds"] + time.perf_counter() - t_eval, 3)
+            self._stop_point()  # under torchrun validation is not cut short: all processes stop here
             self._end_epoch(record, val)
-        result = self._finish()
-        shutdown(env)
-        return result
+            self._rng_before_eval = None
+        self._stop_point()
+        return self._finish()
+
+    # ------------------------------------------------------------------ Ctrl-C
+    def _stop_requested(self) -> bool:
+        """Whether any process got Ctrl-C; in DDP a collective, so all processes agree on the step."""
+        return any_true(self._interrupt.stop, self.env)
+
+    def _stop_point(self) -> None:
+        if self._stop_requested():
+            raise _StopRequested
+
+    def _checkpoint_interrupted(self) -> TrainingInterrupted:
+        """Write the resume point (unless the last checkpoint already is it) and say where it is."""
+        if self._rng_before_eval is not None:
+            restore_rng(self._rng_before_eval)
+        if self._saved_position != self._position():
+            self._save_last(f"interrupted at step {self.updates}")
+        cfg, accum = self.cfg, self.cfg.accum_steps
+        done = self.epoch >= cfg.epochs  # only the final evaluation was left
+        epoch = cfg.epochs if done else self.epoch + 1
+        step = self.updates_per_epoch if done else math.ceil(self.batch_in_epoch / accum)
+        return TrainingInterrupted(self.paths.root, self.paths.state, epoch, cfg.epochs, step,
+                                   self.updates_per_epoch, self.updates)
 
     def _train_one_epoch(self) -> dict[str, float]:
         cfg, env = self.cfg, self.env
@@ -354,9 +524,13 @@ class Trainer:
             self.batch_in_epoch = i + 1
             if last_of_group:
                 self._optimizer_step()
-                if cfg.checkpoint_every and self.updates % cfg.checkpoint_every == 0 and i + 1 < n:
+                stop = i + 1 < n and self._stop_requested()  # at the epoch's end fit() checks
+                if stop or (cfg.checkpoint_every and self.updates % cfg.checkpoint_every == 0 and i + 1 < n):
                     self.partial["seconds"] = seconds_before + time.perf_counter() - t_start
                     self.partial["cpu_seconds"] = cpu_before + time.process_time() - cpu_start
+                    if stop:
+                        bar.close()
+                        raise _StopRequested  # fit() writes the checkpoint that the line below would
                     self._save_last(f"step {self.updates}")
             if show:
                 bar.update(1)
@@ -368,6 +542,7 @@ class Trainer:
                                     refresh=False)
         bar.close()
         seconds = seconds_before + time.perf_counter() - t_start
+        self.partial["seconds"] = seconds  # kept by a checkpoint taken before validation
         self.partial["cpu_seconds"] = cpu_before + time.process_time() - cpu_start
         sums = torch.tensor([self.partial["loss_sum"], float(self.partial["samples"])], dtype=torch.float64)
         all_reduce_sum(sums, env)
@@ -415,16 +590,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate_model(self, model: nn.Module, meter: Any = None) -> dict[str, Any]:
-        """Sharded evaluation on the val split, reduced over processes (exact sums)."""
+        """Sharded evaluation on the val split, reduced over processes (exact sums).
+
+        Inside `fit`, a Ctrl-C ends it early in one process (nothing of it is kept: the checkpoint
+        is the one before it). Not under torchrun: processes may hold different numbers of batches,
+        so a per-batch agreement could deadlock; there `fit` stops right after the evaluation.
+        """
         was_training = model.training
         model.eval()
         meter = meter if meter is not None else self.task.new_meter()
-        for batch in self.val_loader:
-            batch = self.task.to_device(batch, self.device, self.cfg.channels_last)
-            with self.autocast():
-                self.task.eval_step(model, batch, meter)
+        try:
+            for batch in self.val_loader:
+                if self._interrupt.stop and not self.env.distributed:
+                    raise _StopRequested
+                batch = self.task.to_device(batch, self.device, self.cfg.channels_last)
+                with self.autocast():
+                    self.task.eval_step(model, batch, meter)
+        finally:
+            model.train(was_training)
         meter.reduce(self.env)
-        model.train(was_training)
         self._last_meter = meter
         return meter.compute()
 
@@ -470,8 +654,10 @@ class Trainer:
             model = self._eval_model()
             current = {k: v.detach().clone() for k, v in model.state_dict().items()}
             model.load_state_dict(read_checkpoint(paths.best))
-            self.evaluate_model(model)
-            model.load_state_dict(current)
+            try:
+                self.evaluate_model(model)
+            finally:  # an interrupted evaluation must not leave the best weights in place of the last
+                model.load_state_dict(current)
             report = self.task.final_report(self._last_meter)
         if report is not None and self.env.is_main:
             from vizoo.io import write_json_atomic
@@ -488,7 +674,9 @@ class Trainer:
         final = dict(self.history[-1]) if self.history else {}
         if self.best_metric is not None:
             final[f"best_{self.task.primary_metric}"] = self.best_metric
-        self.log(f"done: {paths.root} (best {self.task.primary_metric} {self.best_metric})")
+        self.log(f"done: {paths.root} (best {self.task.primary_metric} "  # top-k in %, others 4 digits
+                 + ("n/a" if self.best_metric is None else f"{self.best_metric:.2f} %"
+                    if self.task.primary_metric in ("top1", "top5") else f"{self.best_metric:.4g}") + ")")
         return TrainResult(run_dir=paths.root, last_path=paths.last,
                            best_path=paths.best if paths.best.exists() else None, state_path=paths.state,
                            metrics=final, best_metric=self.best_metric, history=list(self.history), eval=report)
