@@ -31,6 +31,7 @@ HARMLESS_LOG_RECORDS: dict[str, tuple[str, ...]] = {
         r"scikit-learn version .* is not supported",       # only the sklearn converter is disabled
         r"Failed to load _ML\w*Proxy",                     # the Core ML runtime exists on macOS only
         r"Saving value type of int64 into a builtin type of int32",  # shape/index constants
+        r"Saving value type of float64 into a builtin type of fp32",  # constants; files are verified
     ),
     "torch.utils._pytree": (r"is an Enum subclass and is now natively supported",),  # torchao import
 }

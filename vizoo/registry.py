@@ -54,6 +54,9 @@ class PretrainedCfg:
     export_formats: tuple[str, ...] = ("coreml", "tflite")
     #: A smaller input size the test suite may use for forward/backward (None: the default size).
     test_input_size: tuple[int, int, int] | None = None
+    #: What the model predicts; `vizoo train` picks its task adapter from it unless --task is
+    #: given ("classification", or "detection" for box detectors such as StageInteractor).
+    task: str = "classification"
     #: Name of the model the weights belong to, filled in at registration.
     architecture: str = ""
     tag: str = ""

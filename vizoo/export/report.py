@@ -53,6 +53,8 @@ class FormatResult:
         for name, fn in self.verification.get("functions", {}).items():
             p = fn["parity"]
             top1 = f", top-1 {p['top1_agreement']:.0%}" if p.get("top1_agreement") is not None else ""
+            if p.get("topk_detections_agreement") is not None:
+                top1 += f", top-{p['topk']} detections {p['topk_detections_agreement']:.0%}"
             parts.append(f"{name}: max|d| {p['max_abs_diff']:.2g} ({p['rel_max_abs_diff']:.2g} of range), "
                          f"cos {p['cosine_min']:.6f}{top1}")
         if self.latency and "median_ms" in self.latency:

@@ -64,6 +64,9 @@ class ModelSpec:
     export_aware: list[str] = field(default_factory=list)
     #: converter intermediates shared by the precisions of one export (fp32 flatbuffer, ...)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    #: a detector whose ``forward_export`` gives (scores[B, N, C], boxes[B, N, 4]): parity also
+    #: compares the top-k detections, which is what an app shows
+    detector: bool = False
 
     @property
     def stem(self) -> str:
@@ -117,9 +120,11 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
                          "tensors (or tuples/dicts of tensors)")
 
 
-def _output_names(out: Any, classifier: bool) -> list[str]:
+def _output_names(out: Any, classifier: bool, detector: bool = False) -> list[str]:
     if classifier:
         return ["logits"]
+    if detector:
+        return ["scores", "boxes"]
     if isinstance(out, dict):
         return [re.sub(r"\W+", "_", str(k)) for k in out]
     return [f"output_{i}" for i in range(len(flatten_outputs(out)))]
@@ -242,23 +247,28 @@ def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = No
                   and (not isinstance(num_classes, int) or outs[0].shape[1] == num_classes))
     if classifier:
         num_classes = int(outs[0].shape[1])
+    detector = (getattr(model, "export_task", None) == "detection" and len(outs) == 2
+                and outs[0].dim() == 3 and outs[1].dim() == 3 and outs[1].shape[-1] == 4)
+    if detector:
+        num_classes = int(outs[0].shape[-1])
     labels = getattr(model, "labels", None) or cfg.get("label_names")
-    if labels is not None and (not classifier or len(labels) != num_classes):
+    if labels is not None and (not (classifier or detector) or len(labels) != num_classes):
         labels = None
     return ModelSpec(
         name=name or getattr(model, "vizoo_name", None) or cfg.get("architecture")
         or type(model).__name__,
         model=model, module=module, example_inputs=inputs,
         input_names=(["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]),
-        output_names=_output_names(out, classifier),
+        output_names=_output_names(out, classifier, detector),
         output_shapes=[tuple(o.shape) for o in outs],
         input_size=size, batch_size=batch_size, image_input=image_input, mean=mean, std=std,
-        classifier=classifier, num_classes=num_classes if classifier else None,
+        classifier=classifier, num_classes=num_classes if classifier or detector else None,
         labels=[str(v) for v in labels] if labels is not None else None,
         license=str(cfg.get("license") or "unknown"),
         cfg={k: cfg[k] for k in ("architecture", "tag", "input_size", "mean", "std", "interpolation",
                                  "crop_pct", "num_classes", "paper", "paper_url") if k in cfg},
         export_aware=[n or "<root>" for n, m in model.named_modules() if isinstance(m, ExportAware)],
+        detector=detector,
     )
 
 

@@ -44,6 +44,10 @@ class Bounds:
             out.append(f"worst cosine similarity {p.cosine_min:.6f} (bound {self.cosine_min:g})")
         if self.top1_min is not None and p.top1_agreement is not None and not p.top1_agreement >= self.top1_min:
             out.append(f"top-1 agreement {p.top1_agreement:.1%} (bound {self.top1_min:.0%})")
+        if (self.top1_min is not None and p.topk_detections_agreement is not None
+                and not p.topk_detections_agreement >= self.top1_min):
+            out.append(f"top-{p.topk} detections agreement {p.topk_detections_agreement:.1%} "
+                       f"(bound {self.top1_min:.0%})")
         return out
 
 
@@ -71,6 +75,10 @@ class Parity:
     accuracy: float | None = None            # the file's top-1 on labelled inputs, when given
     reference_accuracy: float | None = None  # PyTorch's on the same inputs
     per_output: list[dict[str, Any]] = field(default_factory=list)
+    #: detectors: share of PyTorch's top-k (query, class) detections that the file also ranks in
+    #: its top k with a box IoU >= 0.9 (what an app draws), over every image
+    topk_detections_agreement: float | None = None
+    topk: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: non-finite numbers become the strings "inf"/"nan" (strict JSON has none)."""
@@ -93,7 +101,31 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, cos)
 
 
-def parity(reference: Sequence[np.ndarray], exported: Sequence[np.ndarray], classifier: bool) -> Parity:
+def topk_detections_agreement(ref_scores: np.ndarray, ref_boxes: np.ndarray, got_scores: np.ndarray,
+                               got_boxes: np.ndarray, k: int = 10, iou_min: float = 0.9) -> float:
+    """Share of the reference's top-k detections (query, class) that the file also ranks in its top
+    k, with the two boxes of that query overlapping by IoU >= ``iou_min``; images are rows."""
+    from torchvision.ops import box_iou
+
+    ref_scores = ref_scores.reshape(len(ref_scores), -1)
+    got_scores = got_scores.reshape(len(ref_scores), -1)
+    n_cls = ref_scores.shape[1] // ref_boxes.reshape(len(ref_boxes), -1, 4).shape[1]
+    k = min(k, ref_scores.shape[1])
+    hits = 0
+    for i in range(len(ref_scores)):
+        ref_top = np.argsort(-ref_scores[i], kind="stable")[:k]
+        got_top = set(np.argsort(-got_scores[i], kind="stable")[:k].tolist())
+        rb = torch.as_tensor(ref_boxes.reshape(len(ref_scores), -1, 4)[i], dtype=torch.float64)
+        gb = torch.as_tensor(got_boxes.reshape(len(ref_scores), -1, 4)[i], dtype=torch.float64)
+        for idx in ref_top.tolist():
+            q = idx // n_cls
+            if idx in got_top and float(box_iou(rb[q:q + 1], gb[q:q + 1])) >= iou_min:
+                hits += 1
+    return hits / (k * len(ref_scores))
+
+
+def parity(reference: Sequence[np.ndarray], exported: Sequence[np.ndarray], classifier: bool,
+           detector: bool = False) -> Parity:
     """Compare stacked outputs (one array per output, first axis = image)."""
     if len(reference) != len(exported):
         raise ValueError(f"the file has {len(exported)} outputs, the model {len(reference)}")
@@ -124,8 +156,13 @@ def parity(reference: Sequence[np.ndarray], exported: Sequence[np.ndarray], clas
     if classifier:
         ref, got = np.asarray(reference[0]), np.asarray(exported[0]).reshape(np.shape(reference[0]))
         top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
+    det, k = None, None
+    if detector:
+        k = min(10, int(np.prod(np.shape(reference[0])[1:])))
+        det = topk_detections_agreement(np.asarray(reference[0]), np.asarray(reference[1]),
+                                        np.asarray(exported[0]), np.asarray(exported[1]), k=k)
     return Parity(n_samples=len(reference[0]), top1_agreement=top1,
-                  per_output=per if len(per) > 1 else [], **worst)
+                  per_output=per if len(per) > 1 else [], topk_detections_agreement=det, topk=k, **worst)
 
 
 # --- real inputs ------------------------------------------------------------------------------
@@ -240,7 +277,7 @@ def verify_functions(functions: Sequence[RunFunction], spec: ModelSpec, precisio
         n = len(inputs) if fn.kind == "tensor" or alone else min(len(inputs), image_samples)
         got = run_all(fn, inputs[:n])
         rows = n * spec.batch_size  # reference rows are images; a sample holds batch_size of them
-        p = parity([r[:rows] for r in ref], got, spec.classifier)
+        p = parity([r[:rows] for r in ref], got, spec.classifier, spec.detector)
         if pin.labels is not None and spec.classifier:
             truth = pin.labels[:rows].numpy()
             p.accuracy = float((got[0].reshape(rows, -1).argmax(-1) == truth).mean())
@@ -248,7 +285,7 @@ def verify_functions(functions: Sequence[RunFunction], spec: ModelSpec, precisio
         entry: dict[str, Any] = {"input": fn.kind, "parity": p.to_dict()}
         fails = bounds.failures(p)
         if ref_eager is not None:
-            pe = parity([r[:rows] for r in ref_eager], got, spec.classifier)
+            pe = parity([r[:rows] for r in ref_eager], got, spec.classifier, spec.detector)
             entry["parity_eager"] = pe.to_dict()
             eager_fails = bounds.failures(pe)
             if eager_fails and not fails:
@@ -287,7 +324,7 @@ def likely_cause(fn: RunFunction, spec: ModelSpec, precision: str, pin: ParityIn
     """Name the most likely reason a file is off, by testing the usual suspects."""
     n = min(k, len(got[0]) // spec.batch_size)
     rows = n * spec.batch_size
-    base = parity([r[:rows] for r in ref], [g[:rows] for g in got], spec.classifier)
+    base = parity([r[:rows] for r in ref], [g[:rows] for g in got], spec.classifier, spec.detector)
     if ref_eager is not None:
         pe = parity([r[:rows] for r in ref_eager], [r[:rows] for r in ref], spec.classifier)
         if pe.rel_max_abs_diff > BOUNDS["fp32"].rel_max_abs * 10:
@@ -322,7 +359,7 @@ def likely_cause(fn: RunFunction, spec: ModelSpec, precision: str, pin: ParityIn
                 alt = run_all(fn, [(transform(s[0]), *s[1:]) for s in pin.samples[:n]])
             except Exception:  # noqa: BLE001 - a suspect that does not even run is not the cause
                 continue
-            p = parity([r[:rows] for r in ref], alt, spec.classifier)
+            p = parity([r[:rows] for r in ref], alt, spec.classifier, spec.detector)
             if not BOUNDS[precision].failures(p) and p.rel_max_abs_diff < 0.1 * base.rel_max_abs_diff:
                 return label
     cos = base.cosine_min

@@ -9,6 +9,7 @@ _FAMILIES = (
     "mobilenet_ulsam",
     "affnet",
     "evit",
+    "stageinteractor",
 )
 
 for _name in _FAMILIES:

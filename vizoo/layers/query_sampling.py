@@ -1,0 +1,106 @@
+"""3-D sub-box sampling of multi-level features around a query's box (StageInteractor / AdaMixer).
+
+A query predicts, per channel group g and sub-box p, an offset ``(dx0, dy0, dz0)`` relative to its
+box, and K second-level offsets ``(dx1, dy1, dz1)`` shared by all of its sub-boxes. Point
+``(g, p, k)`` lies at
+
+    x = x_box + w * (dx0 + 2^dz0 * dx1),   y = y_box + h * (dy0 + 2^dz0 * dy1),
+    z = z_box + dz0 + dz1
+
+(z is a log2 scale). Each point reads every feature level with bilinear ``grid_sample`` (zero
+padding, ``align_corners=False``, pixel coordinates divided by feature size x stride), weighted by
+a softmax over levels of ``-(z - z_l)^2 / tau`` where ``z_l = log2(stride_l) + 1`` (stride 4 <->
+z = 3, i.e. 8-pixel boxes), and group g reads only its own channel slice of every level.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .box_ops import pow2, xyzr_size
+
+__all__ = ["level_anchor_z", "level_weights", "sample_multilevel", "SubBoxSampler"]
+
+
+def level_anchor_z(strides: Sequence[int]) -> list[float]:
+    """The log-scale each level is tuned to: ``log2(stride) + 1`` (strides 4..32 -> 3..6)."""
+    return [math.log2(s) + 1.0 for s in strides]
+
+
+def level_weights(z: torch.Tensor, anchors: Sequence[float], tau: float = 2.0) -> torch.Tensor:
+    """``[...]`` log-scales -> ``[..., F]`` softmax weights over the F levels."""
+    d = z[..., None] - z.new_tensor(list(anchors))
+    return torch.softmax(d * d * (-1.0 / tau), dim=-1)     # d * d: TFLite has no float pow kernel
+
+
+def sample_multilevel(features: Sequence[torch.Tensor], strides: Sequence[int], xy: torch.Tensor,
+                      z: torch.Tensor, tau: float = 2.0) -> torch.Tensor:
+    """Sample grouped multi-level features at 3-D points.
+
+    features: F tensors ``[B, G*C_g, H_l, W_l]``; xy: ``[B, N, G, M, 2]`` pixel coordinates;
+    z: ``[B, N, G, M]`` log2 scales. Returns ``[B, N, G, M, C_g]``.
+    """
+    B, N, G, M, _ = xy.shape
+    weights = level_weights(z, level_anchor_z(strides), tau)          # [B, N, G, M, F]
+    weights = weights.permute(0, 2, 4, 1, 3).reshape(B * G, len(features), 1, N, M)
+    points = xy.permute(0, 2, 1, 3, 4).reshape(B * G, N, M, 2)
+    out = None
+    for level, (feat, stride) in enumerate(zip(features, strides)):
+        _, C, H, W = feat.shape
+        to_unit = points.new_tensor([2.0 / (W * stride), 2.0 / (H * stride)])
+        grid = points * to_unit - 1.0
+        sampled = F.grid_sample(feat.reshape(B * G, C // G, H, W), grid, mode="bilinear",
+                                padding_mode="zeros", align_corners=False)   # [B*G, C_g, N, M]
+        sampled = sampled * weights[:, level]
+        out = sampled if out is None else out + sampled
+    C_g = out.shape[1]
+    return out.view(B, G, C_g, N, M).permute(0, 3, 1, 4, 2)
+
+
+class SubBoxSampler(nn.Module):
+    """Generates the sub-box and point offsets from the query and samples ``[B, N, G, P*K, C_g]``
+    (sub-box major, point minor)."""
+
+    def __init__(self, dim: int, groups: int, num_sub_boxes: int, points_per_sub_box: int,
+                 tau: float = 2.0):
+        super().__init__()
+        self.dim, self.groups = dim, groups
+        self.num_sub_boxes, self.points_per_sub_box = num_sub_boxes, points_per_sub_box
+        self.tau = tau
+        # outputs laid out (group, sub-box, xyz) and (point, xyz)
+        self.sub_box_offsets = nn.Linear(dim, 3 * groups * num_sub_boxes)
+        self.point_offsets = nn.Linear(dim, 3 * points_per_sub_box)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for lin in (self.sub_box_offsets, self.point_offsets):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        nn.init.uniform_(self.sub_box_offsets.bias.view(-1, 3)[:, :2], -0.5, 0.5)
+        b = 0.5 / math.sqrt(2.0)
+        nn.init.uniform_(self.point_offsets.bias.view(-1, 3)[1:, :2], -b, b)
+
+    def points(self, q: torch.Tensor, xyzr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel positions ``[B, N, G, P*K, 2]`` and log-scales ``[B, N, G, P*K]``."""
+        B, N, _ = q.shape
+        G, P, K = self.groups, self.num_sub_boxes, self.points_per_sub_box
+        # batch and queries merged: CoreML takes tensors of rank <= 5 only
+        d0 = self.sub_box_offsets(q).view(B * N, G, P, 1, 3)
+        d1 = self.point_offsets(q).view(B * N, 1, 1, K, 3)
+        w, h = xyzr_size(xyzr)
+        centre = xyzr[..., 0:2].reshape(B * N, 1, 1, 1, 2)
+        wh = torch.cat([w, h], dim=-1).view(B * N, 1, 1, 1, 2)
+        rel = d0[..., 0:2] + pow2(d0[..., 2:3]) * d1[..., 0:2]          # [B*N, G, P, K, 2]
+        xy = centre + wh * rel
+        z = xyzr[..., 2].reshape(B * N, 1, 1, 1) + d0[..., 2] + d1[..., 2]   # [B*N, G, P, K]
+        return xy.reshape(B, N, G, P * K, 2), z.reshape(B, N, G, P * K)
+
+    def forward(self, features: Sequence[torch.Tensor], strides: Sequence[int], q: torch.Tensor,
+                xyzr: torch.Tensor) -> torch.Tensor:
+        xy, z = self.points(q, xyzr)
+        return sample_multilevel(features, strides, xy, z, self.tau)
