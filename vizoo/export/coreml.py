@@ -1,9 +1,11 @@
 """CoreML: torch.export -> coremltools ML Program (.mlpackage), checked by the MIL executor.
 
-By default one package holds two functions with shared weights: ``main`` takes a camera image
+By default the package holds one function, ``main``, which takes a camera image
 (``ct.ImageType``; the model's mean/std applied in the graph, since ImageType has one scale) and
-carries the class labels (``ClassifierConfig``); ``tensor`` takes a normalised NCHW tensor and
-returns raw outputs. Conversion goes through ``torch.export(...).run_decompositions({})``: the
+carries the class labels (``ClassifierConfig``), at the lowest deployment target its ops allow:
+what an app needs, loadable on as many devices as possible. ``coreml_inputs="both"`` adds a
+``tensor`` function (normalised NCHW in, raw outputs) sharing the weights, in one multifunction
+package (iOS 18). Conversion goes through ``torch.export(...).run_decompositions({})``: the
 ``jit.trace`` path breaks under NumPy 2 for topk/gather and grouped variance.
 """
 from __future__ import annotations
