@@ -1,4 +1,4 @@
-"""Figures of a run: training curves and the confusion matrix (matplotlib, no display needed)."""
+"""Figures of a run: training curves, the confusion matrix, detections (matplotlib, no display needed)."""
 from __future__ import annotations
 
 import os
@@ -50,7 +50,8 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.grid(alpha=0.3)
-    ax_acc.legend(loc="lower right")
+    if ax_acc.lines:  # no accuracy in a detection run's history
+        ax_acc.legend(loc="lower right")
     if title:
         fig.suptitle(title)
     return _save_png(fig, path)
@@ -83,4 +84,48 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
+    return _save_png(fig, path)
+
+
+def plot_detections(samples: Sequence[dict[str, Any]], labels: Sequence[str], path: str | os.PathLike,
+                    score_threshold: float = 0.3, title: str = "", columns: int = 4) -> Path:
+    """A grid of images with ground-truth boxes (dashed white) and predictions scoring at least
+    ``score_threshold`` (solid, one colour per class, "label score" written on the box).
+
+    ``samples[i]``: ``image`` (H, W, 3) uint8, ``gt_boxes`` / ``boxes`` xyxy pixels of that image,
+    ``gt_labels`` / ``labels`` class indices into ``labels``, ``scores``; optional ``name``.
+    Drawing GT and predictions on one image shows misses, duplicates and wrong classes at a glance.
+    """
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    n = max(len(samples), 1)
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, s in zip(axes.ravel(), samples):
+        ax.imshow(np.asarray(s["image"]))
+        for (x0, y0, x1, y1), c in zip(s.get("gt_boxes", []), s.get("gt_labels", [])):
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.2,
+                                   linestyle="--"))
+            name = labels[int(c)] if 0 <= int(c) < len(labels) else str(int(c))
+            ax.text(x0, y1, name, fontsize=5, color="white", va="top",
+                    bbox={"facecolor": "black", "alpha": 0.5, "pad": 0.3, "linewidth": 0})
+        shown = 0
+        for (x0, y0, x1, y1), score, c in zip(s.get("boxes", []), s.get("scores", []), s.get("labels", [])):
+            if score < score_threshold:
+                continue
+            colour = colours(int(c) % 10)
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5))
+            name = labels[int(c)] if 0 <= int(c) < len(labels) else str(int(c))
+            ax.text(x0, y0, f"{name} {score:.2f}", fontsize=6, color="white", va="bottom",
+                    bbox={"facecolor": colour, "alpha": 0.8, "pad": 0.5, "linewidth": 0})
+            shown += 1
+        ax.set_title(f"{s.get('name', '')} {len(s.get('gt_boxes', []))} GT / {shown} pred".strip(), fontsize=8)
+    fig.suptitle((title + "\n" if title else "") + f"dashed: ground truth; solid: predictions with score "
+                 f">= {score_threshold:g}", fontsize=9)
     return _save_png(fig, path)

@@ -26,7 +26,7 @@ A task adapter owns the rest, through this interface (`TaskAdapter`):
 How the other methods of the zoo plug in (as each method's paper and official code train it):
 
 - **Detection (StageInteractor)**: ``load_data`` reads COCO-json (procedural shapes bundled);
-  a batch is ``(images padded to a common size, [target dicts with boxes/labels/img_shape]))``
+  a batch is ``(images padded to a common size, [target dicts with boxes/labels/img_size]))``
   via its own ``collate_fn`` and ``to_device``; ``train_step`` runs all decoder stages, the
   per-stage Hungarian matching and cross-stage label assignment, and returns the summed stage
   losses with each term in ``logs``; the meter collects detections and scores COCO AP
