@@ -182,6 +182,7 @@ class DetectionTask(TaskAdapter):
     primary_metric = "AP"
     higher_is_better = True
     ddp_find_unused_parameters = True  # as StageInteractor's official config (every parameter is used here)
+    report_file = "detection_report.json"
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)

@@ -90,6 +90,8 @@ class TaskAdapter:
     primary_metric = "loss"
     higher_is_better = False
     collate_fn: Callable | None = None
+    #: where ``final_report`` is written in the run directory
+    report_file = "confusion_matrix.json"
     #: DDP option for models whose forward leaves some parameters unused (StageInteractor's config sets it)
     ddp_find_unused_parameters = False
 

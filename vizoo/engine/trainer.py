@@ -446,6 +446,11 @@ class Trainer:
                       "train_images_per_sec": round(train_stats["samples"] / max(train_stats["seconds"], 1e-9), 1),
                       # CPU time of this process: on a shared machine, what the epoch costs a free one
                       "train_cpu_seconds": round(train_stats["cpu_seconds"], 3), "updates": self.updates}
+            # the task's other metrics (detection: AP, AP50, ...) and loss terms, by name
+            record.update({f"val_{k}": v for k, v in val.items()
+                           if k not in ("loss", "top1", "top5") and isinstance(v, (int, float))
+                           and math.isfinite(v)})  # COCO's APl is NaN when no object is large
+            record.update({f"train_{k}": v for k, v in train_stats.get("terms", {}).items()})
             if self.ema is not None:
                 raw = self.evaluate_model(self.model)
                 record.update({"val_top1_no_ema": raw.get("top1"), "val_loss_no_ema": raw["loss"]})
@@ -521,6 +526,9 @@ class Trainer:
                     loss.backward()
             self.partial["loss_sum"] += loss_value * out.num_samples
             self.partial["samples"] += out.num_samples
+            for key, value in out.logs.items():  # the task's loss terms, averaged like the loss
+                if key != "loss" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.partial[f"log_{key}"] = self.partial.get(f"log_{key}", 0.0) + value * out.num_samples
             self.batch_in_epoch = i + 1
             if last_of_group:
                 self._optimizer_step()
@@ -546,8 +554,10 @@ class Trainer:
         self.partial["cpu_seconds"] = cpu_before + time.process_time() - cpu_start
         sums = torch.tensor([self.partial["loss_sum"], float(self.partial["samples"])], dtype=torch.float64)
         all_reduce_sum(sums, env)
+        local = max(float(self.partial["samples"]), 1.0)  # terms: this process's average
+        terms = {k[len("log_"):]: round(v / local, 6) for k, v in self.partial.items() if k.startswith("log_")}
         return {"loss": float(sums[0] / max(float(sums[1]), 1.0)), "samples": float(sums[1]), "seconds": seconds,
-                "cpu_seconds": self.partial["cpu_seconds"]}
+                "cpu_seconds": self.partial["cpu_seconds"], "terms": terms}
 
     def _optimizer_step(self) -> None:
         cfg = self.cfg
@@ -640,6 +650,9 @@ class Trainer:
             except Exception as e:  # a figure must never stop a run
                 warnings.warn(f"could not draw training curves: {e}", stacklevel=2)
         top = f" val_top1 {record['val_top1']:.2f}%" if record.get("val_top1") is not None else ""
+        primary = task.primary_metric
+        if primary not in ("top1", "loss") and isinstance(record.get(f"val_{primary}"), (int, float)):
+            top = f" val_{primary} {record[f'val_{primary}']:.4g}"
         self.log(f"epoch {self.epoch}/{cfg.epochs}: train_loss {record['train_loss']:.4f} "
                  f"val_loss {record['val_loss']:.4f}{top} lr {record['lr']:.2e} "
                  f"({record['seconds']:.1f}s, {record['train_images_per_sec']:.0f} img/s){' *' if improved else ''}")
@@ -662,7 +675,7 @@ class Trainer:
         if report is not None and self.env.is_main:
             from vizoo.io import write_json_atomic
 
-            write_json_atomic(paths.confusion_json, report)
+            write_json_atomic(paths.root / self.task.report_file, report)
             if self.cfg.plots and "confusion_matrix" in report:
                 try:
                     from .plots import plot_confusion_matrix
