@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["model", "format", "precision", "status", "size_mb", "rel_max_abs_diff", "cosine_min",
            "top1_agreement", "eager_rel_max_abs_diff", "tflite_ms", "torch_ms", "tflite_speedup",
-           "input", "seconds", "latency_threads", "load_avg", "reason"]
+           "input", "target", "seconds", "latency_threads", "load_avg", "reason"]
 
 
 def rows_from_report(report: Any) -> list[dict[str, Any]]:
@@ -52,7 +52,9 @@ def rows_from_report(report: Any) -> list[dict[str, Any]]:
             "tflite_ms": round(tfl, 2) if tfl else None,
             "torch_ms": round(torch_ms, 2) if torch_ms else None,
             "tflite_speedup": round(torch_ms / tfl, 2) if tfl and torch_ms else None,
-            "input": "x".join(map(str, report.input["shapes"][0])), "seconds": round(r.seconds, 1),
+            "input": "x".join(map(str, report.input["shapes"][0])),
+            # CoreML: the lowest deployment target the file's ops allow (iOS 15 ... 18)
+            "target": r.details.get("minimum_deployment_target", ""), "seconds": round(r.seconds, 1),
             "reason": r.reason[:300],
         })
     return rows
@@ -121,15 +123,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
     lines = [
         "| model | format | precision | status | size (MB) | parity: max abs diff / output range | "
-        "worst cosine | top-1 agreement | TFLite ms | PyTorch ms | TFLite speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "worst cosine | top-1 agreement | CoreML target | TFLite ms | PyTorch ms | TFLite speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')[:120]}"
         lines.append(" | ".join([
             f"| {r['model']}", r["format"], r["precision"], status, _num(r.get("size_mb"), ".2f"),
             _num(r.get("rel_max_abs_diff"), ".1e"), _num(r.get("cosine_min"), ".6f"),
-            _num(r.get("top1_agreement"), ".0%"), _num(r.get("tflite_ms"), ".2f"),
+            _num(r.get("top1_agreement"), ".0%"), r.get("target") or "", _num(r.get("tflite_ms"), ".2f"),
             _num(r.get("torch_ms"), ".2f"),
             (_num(r.get("tflite_speedup"), ".2f") + "x") if r.get("tflite_speedup") else "",
         ]) + " |")
@@ -138,8 +140,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                     f"worst cosine >= {b.cosine_min:g}",
                     f"top-1 agreement >= {b.top1_min:.0%}" if b.top1_min is not None else ""] if x)
         for p, b in BOUNDS.items())
-    return ("\n".join(lines) + "\n\nParity on 64 bundled photographs (CoreML: tensor function on "
-            "64, camera-image function on 16; the worst function is shown). Bounds: " + bounds +
+    return ("\n".join(lines) + "\n\nParity on 64 bundled photographs (CoreML multifunction "
+            "packages: tensor function on 64, camera-image function on 16; a lone image function on "
+            "64; the worst function is shown). Bounds: " + bounds +
             ". Latency: median of interleaved rounds (PyTorch eager and TFLite timed in the same "
             "run, after warm-up), batch 1, 2 threads unless the CSV's latency_threads says "
             "otherwise; load_avg in the CSV is the machine's 1-minute load then. Random weights; the "

@@ -392,11 +392,7 @@ def evaluate_detection(model_or_checkpoint: nn.Module | str | Path, data: str = 
     Scored as the training run scored its val split (same adapter, input size and normalisation
     from the checkpoint). With ``out_dir``: eval.json, coco_results.json and predictions.png there.
     """
-    from tqdm import tqdm
-
-    from vizoo.data.loaders import eval_loader
-
-    from .distributed import DistEnv, resolve_device
+    from .evaluate import run_eval_loop
 
     if split not in ("train", "val"):
         raise ValueError(f"detection data has train and val splits, not {split!r}")
@@ -416,16 +412,8 @@ def evaluate_detection(model_or_checkpoint: nn.Module | str | Path, data: str = 
     task.out_dir = Path(out_dir) if out_dir is not None else None
     task_data = task.load_data(cfg, splits=(split,), labels=getattr(model, "labels", None))
     task.attach_transforms(cfg, task_data, model)
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    loader = eval_loader(task_data.splits[split], batch_size, num_workers=num_workers, collate_fn=task.collate_fn)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
-    meter = task.new_meter()
-    for batch in tqdm(loader, desc=f"eval {split}", unit="batch", disable=not progress, leave=False):
-        batch = task.to_device(batch, dev)
-        with autocast:
-            task.eval_step(model, batch, meter)
-    meter.reduce(DistEnv())
+    meter = run_eval_loop(task, model, task_data.splits[split], batch_size, num_workers, amp, device,
+                          progress, desc=f"eval {split}")
     report = task.final_report(meter)
     report.update({"model": cfg.model, "checkpoint": ckpt, "data": str(data),
                    "input_size": list(model.pretrained_cfg["input_size"])})

@@ -61,20 +61,8 @@ def evaluate(model_or_checkpoint: nn.Module | str | os.PathLike, data: str | os.
     task.attach_transforms(cfg, task_data, model)
     task.labels = list(labels) if labels is not None else task_data.labels
 
-    from vizoo.data.loaders import eval_loader
-
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    loader = eval_loader(task_data.splits[split], batch_size, num_workers=num_workers)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
-    meter = task.new_meter()
-    from tqdm import tqdm
-
-    for batch in tqdm(loader, desc=f"eval {split}", unit="batch", disable=not progress, leave=False):
-        batch = task.to_device(batch, dev)
-        with autocast:
-            task.eval_step(model, batch, meter)
-    meter.reduce(DistEnv())
+    meter = run_eval_loop(task, model, task_data.splits[split], batch_size, num_workers, amp, device,
+                          progress, desc=f"eval {split}")
     report = accuracy_report(meter, task.labels)
     report.update({"model": cfg.model, "checkpoint": ckpt, "data": str(data), "split": split,
                    "input_size": list(model.pretrained_cfg["input_size"])})
@@ -89,3 +77,27 @@ def evaluate(model_or_checkpoint: nn.Module | str | os.PathLike, data: str | os.
                               title=f"{cfg.model} on {Path(str(data)).name} ({split}): top-1 {report['top1']:.2f}%")
         report["files"] = [str(out / "eval.json"), str(out / "confusion_matrix.png")]
     return report
+
+
+def run_eval_loop(task: Any, model: torch.nn.Module, dataset: Any, batch_size: int, num_workers: int,
+                  amp: str | None, device: str | None, progress: bool, desc: str = "eval") -> Any:
+    """One pass of ``task.eval_step`` over ``dataset`` outside a Trainer: the task's meter, reduced.
+
+    Shared by ``vizoo eval`` for every task, so evaluation outside training batches, casts and
+    reduces exactly as the Trainer's validation does.
+    """
+    from tqdm import tqdm
+
+    from vizoo.data.loaders import eval_loader
+
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    loader = eval_loader(dataset, batch_size, num_workers=num_workers, collate_fn=task.collate_fn)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+    meter = task.new_meter()
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        batch = task.to_device(batch, dev)
+        with autocast:
+            task.eval_step(model, batch, meter)
+    meter.reduce(DistEnv())
+    return meter
