@@ -66,7 +66,7 @@ def _parse(argv):
 def test_task_and_recipe_follow_the_model():
     cfg = TrainConfig.from_dict({"model": "stageinteractor_tiny"})
     assert cfg.task == "detection" and cfg.recipe == "detection" and cfg.data == "shapes"
-    assert (cfg.lr, cfg.weight_decay, cfg.clip_grad, cfg.batch_size) == (2e-4, 1e-4, 1.0, 8)
+    assert (cfg.lr, cfg.weight_decay, cfg.clip_grad, cfg.batch_size) == (5e-4, 1e-4, 1.0, 8)
     assert cfg.opt == "adamw" and cfg.mixup == 0 and cfg.smoothing == 0 and cfg.hflip == 0.5 and cfg.augment
     flags = config_from_args(_parse(["stageinteractor_tiny", "--lr", "1e-3", "--data", "somewhere"]))
     assert flags.task == "detection" and flags.lr == 1e-3 and flags.data == "somewhere"  # flags beat the recipe
