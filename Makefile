@@ -10,9 +10,11 @@ env: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[all]'
-	$(PY) -c "import vizoo, torch, timm, coremltools, litert_torch, ai_edge_litert; print('vizoo', vizoo.__version__, 'torch', torch.__version__, 'timm', timm.__version__)"
+	@echo "installing vizoo[all] into $(VENV) (a few minutes on a fresh machine)"
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e '.[all]'
+	@$(VENV)/bin/vizoo doctor --no-selfcheck > $(VENV)/doctor.txt || (cat $(VENV)/doctor.txt; exit 1)
+	@echo "environment ready ($(VENV)/doctor.txt lists the versions; 'vizoo doctor' checks them)"
 	touch $(STAMP)
 
 ## Main job: train -> evaluate -> export -> verify -> benchmark on the bundled data.

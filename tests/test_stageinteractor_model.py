@@ -482,3 +482,35 @@ def test_forward_export_graph_is_converter_friendly():
     assert max(ranks) <= 5
     for a, b in zip(ep.module()(x), model.forward_export(x)):
         torch.testing.assert_close(a, b)
+
+
+def test_dense_bilinear_export_form_equals_grid_sample():
+    """The export form (tent-weight matmuls, which XNNPACK runs) equals F.grid_sample bilinear with
+    zero padding, also for points outside the image and between levels."""
+    from vizoo.layers.query_sampling import sample_multilevel
+
+    g = torch.Generator().manual_seed(0)
+    B, N, G, M, C = 2, 5, 4, 8, 16
+    feats = [torch.randn(B, G * C, s, s, generator=g) for s in (32, 16, 8, 4)]
+    xy = torch.rand(B, N, G, M, 2, generator=g) * 170 - 20          # some points fall outside 128 px
+    z = torch.randn(B, N, G, M, generator=g) * 2 + 4
+    eager = sample_multilevel(feats, [4, 8, 16, 32], xy, z)
+    dense = sample_multilevel(feats, [4, 8, 16, 32], xy, z, dense=True)
+    assert torch.allclose(dense, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_export_mode_switches_the_sampler_and_keeps_the_outputs():
+    from vizoo.layers.export_mode import export_mode
+
+    torch.manual_seed(0)
+    m = vizoo.create_model("stageinteractor_tiny").eval()
+    for p in m.parameters():  # zero-initialised heads/W_v would hide the sampled features
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.05)
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        scores, boxes = m.forward_export(x)
+        with export_mode(m):
+            assert m.stages[0].sampler.exporting
+            scores_e, boxes_e = m.forward_export(x)
+    assert torch.allclose(scores_e, scores, atol=1e-5) and torch.allclose(boxes_e, boxes, atol=1e-3)

@@ -11,6 +11,13 @@ box, and K second-level offsets ``(dx1, dy1, dz1)`` shared by all of its sub-box
 padding, ``align_corners=False``, pixel coordinates divided by feature size x stride), weighted by
 a softmax over levels of ``-(z - z_l)^2 / tau`` where ``z_l = log2(stride_l) + 1`` (stride 4 <->
 z = 3, i.e. 8-pixel boxes), and group g reads only its own channel slice of every level.
+
+Export form: TFLite lowers ``grid_sample`` to gathers, casts and selects that the XNNPACK
+delegate does not run (the tiny detector's file split into 10 partitions and ran 4x slower than
+PyTorch). Bilinear sampling with zero padding is a weighted sum with the tent weights
+``max(0, 1 - |i - x|)`` over the pixel columns and rows, so the export form writes it as one
+matmul over the columns and a weighted sum over the rows: dense ops every delegate runs, equal to
+``grid_sample`` up to float rounding.
 """
 from __future__ import annotations
 
@@ -22,8 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .box_ops import pow2, xyzr_size
+from .export_mode import ExportAware
 
-__all__ = ["level_anchor_z", "level_weights", "sample_multilevel", "SubBoxSampler"]
+__all__ = ["level_anchor_z", "level_weights", "sample_multilevel", "bilinear_sample_dense", "SubBoxSampler"]
 
 
 def level_anchor_z(strides: Sequence[int]) -> list[float]:
@@ -37,12 +45,28 @@ def level_weights(z: torch.Tensor, anchors: Sequence[float], tau: float = 2.0) -
     return torch.softmax(d * d * (-1.0 / tau), dim=-1)     # d * d: TFLite has no float pow kernel
 
 
+def bilinear_sample_dense(feat: torch.Tensor, points: torch.Tensor, stride: int) -> torch.Tensor:
+    """``F.grid_sample(feat, grid, "bilinear", "zeros", align_corners=False)`` at image-pixel
+    ``points`` ``[BG, N, M, 2]`` of a level of ``stride``, as dense ops: ``[BG, C, N, M]``."""
+    BG, C, H, W = feat.shape
+    _, N, M, _ = points.shape
+    # align_corners=False: pixel centres sit at i + 0.5, so image x reads level column x/stride - 0.5
+    col = (points[..., 0] * (1.0 / stride) - 0.5).reshape(BG, N * M, 1)
+    row = (points[..., 1] * (1.0 / stride) - 0.5).reshape(BG, N * M, 1)
+    wx = torch.relu(1.0 - (col - torch.arange(W, dtype=feat.dtype, device=feat.device)).abs())  # [BG, NM, W]
+    wy = torch.relu(1.0 - (row - torch.arange(H, dtype=feat.dtype, device=feat.device)).abs())  # [BG, NM, H]
+    by_row = torch.matmul(wx, feat.permute(0, 3, 1, 2).reshape(BG, W, C * H))   # [BG, NM, C*H]
+    out = (by_row.reshape(BG, N * M, C, H) * wy.reshape(BG, N * M, 1, H)).sum(-1)   # [BG, NM, C]
+    return out.transpose(1, 2).reshape(BG, C, N, M)
+
+
 def sample_multilevel(features: Sequence[torch.Tensor], strides: Sequence[int], xy: torch.Tensor,
-                      z: torch.Tensor, tau: float = 2.0) -> torch.Tensor:
+                      z: torch.Tensor, tau: float = 2.0, dense: bool = False) -> torch.Tensor:
     """Sample grouped multi-level features at 3-D points.
 
     features: F tensors ``[B, G*C_g, H_l, W_l]``; xy: ``[B, N, G, M, 2]`` pixel coordinates;
-    z: ``[B, N, G, M]`` log2 scales. Returns ``[B, N, G, M, C_g]``.
+    z: ``[B, N, G, M]`` log2 scales. Returns ``[B, N, G, M, C_g]``. ``dense``: the export form
+    (:func:`bilinear_sample_dense`) instead of ``grid_sample``.
     """
     B, N, G, M, _ = xy.shape
     weights = level_weights(z, level_anchor_z(strides), tau)          # [B, N, G, M, F]
@@ -51,19 +75,22 @@ def sample_multilevel(features: Sequence[torch.Tensor], strides: Sequence[int], 
     out = None
     for level, (feat, stride) in enumerate(zip(features, strides)):
         _, C, H, W = feat.shape
-        to_unit = points.new_tensor([2.0 / (W * stride), 2.0 / (H * stride)])
-        grid = points * to_unit - 1.0
-        sampled = F.grid_sample(feat.reshape(B * G, C // G, H, W), grid, mode="bilinear",
-                                padding_mode="zeros", align_corners=False)   # [B*G, C_g, N, M]
+        grouped = feat.reshape(B * G, C // G, H, W)
+        if dense:
+            sampled = bilinear_sample_dense(grouped, points, stride)            # [B*G, C_g, N, M]
+        else:
+            to_unit = points.new_tensor([2.0 / (W * stride), 2.0 / (H * stride)])
+            sampled = F.grid_sample(grouped, points * to_unit - 1.0, mode="bilinear",
+                                    padding_mode="zeros", align_corners=False)   # [B*G, C_g, N, M]
         sampled = sampled * weights[:, level]
         out = sampled if out is None else out + sampled
     C_g = out.shape[1]
     return out.view(B, G, C_g, N, M).permute(0, 3, 1, 4, 2)
 
 
-class SubBoxSampler(nn.Module):
+class SubBoxSampler(ExportAware, nn.Module):
     """Generates the sub-box and point offsets from the query and samples ``[B, N, G, P*K, C_g]``
-    (sub-box major, point minor)."""
+    (sub-box major, point minor); in export mode with dense bilinear sampling (see above)."""
 
     def __init__(self, dim: int, groups: int, num_sub_boxes: int, points_per_sub_box: int,
                  tau: float = 2.0):
@@ -103,4 +130,4 @@ class SubBoxSampler(nn.Module):
     def forward(self, features: Sequence[torch.Tensor], strides: Sequence[int], q: torch.Tensor,
                 xyzr: torch.Tensor) -> torch.Tensor:
         xy, z = self.points(q, xyzr)
-        return sample_multilevel(features, strides, xy, z, self.tau)
+        return sample_multilevel(features, strides, xy, z, self.tau, dense=self.exporting)

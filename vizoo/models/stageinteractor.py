@@ -241,12 +241,15 @@ class StageInteractor(nn.Module):
 
     def _decode(self, images: torch.Tensor, img_sizes: torch.Tensor | None, all_logits: bool):
         B, _, H, W = images.shape
-        if img_sizes is None:
-            img_sizes = torch.tensor([[H, W]], dtype=torch.float32, device=images.device).expand(B, 2)
         feats = self._features(images)
-        xyzr = whole_image_xyzr(img_sizes, self.num_queries).to(feats[0].dtype)
+        if img_sizes is None:  # the tensor's size: the boxes are constants (no ops in an exported graph)
+            whole = [0.5 * W, 0.5 * H, 0.5 * math.log2(W * H), math.log2(H / W)]
+            xyzr = torch.tensor([[whole] * self.num_queries] * B, dtype=feats[0].dtype, device=images.device)
+        else:
+            xyzr = whole_image_xyzr(img_sizes, self.num_queries).to(feats[0].dtype)
         q = F.layer_norm(self.query_embed.weight, (self.dim,))
-        q = q.unsqueeze(0).expand(B, -1, -1)
+        # batch 1 (an exported file) needs no expand: TFLite's BROADCAST_TO would split XNNPACK's graph
+        q = q.unsqueeze(0) if B == 1 else q.unsqueeze(0).expand(B, -1, -1)
         bank: list = []
         outs = []
         for s, stage in enumerate(self.stages):
