@@ -306,7 +306,8 @@ def test_visualize_cli_writes_one_panel_per_reorganising_block(tmp_path, capsys)
         assert img.width == (1 + reducing) * (panel + gap) - gap
         assert img.height == 16 + rows * (panel + 4)
     assert "kept_photos.png" in capsys.readouterr().out
-    assert main(["visualize", "mobilenetv2_100_evos0", "--photos", "1", "--out", str(out)]) == 2
+    with pytest.warns(UserWarning, match="no weights given"):  # the user is told, then refused
+        assert main(["visualize", "mobilenetv2_100_evos0", "--photos", "1", "--out", str(out)]) == 2
     assert "does not reorganise tokens" in capsys.readouterr().err
 
 

@@ -736,6 +736,7 @@ def test_float_ops_the_torch_frontend_rarely_emits(tmp_path):
         assert_close(got, ref.numpy(), what=f"output {i}")
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # the reference uses it on purpose
 def test_index_logic_and_quantize_ops(tmp_path):
     from coremltools.converters.mil import Builder as mb
 
