@@ -7,6 +7,7 @@ with batch W*B (each process takes every W-th sample of the same global batch).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from typing import Any, Callable, Iterator, Sequence
@@ -53,6 +54,30 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + index * 0xC2B2AE3D + 0x27D4EB2F) % (2 ** 32)
 
 
+@contextlib.contextmanager
+def seeded_sample(seed: int, epoch: int, index: int, numpy: bool = False) -> Iterator[None]:
+    """Seed the random streams that timm/torchvision transforms draw from (torch's default
+    generator, ``random``, optionally NumPy's) for one sample, by (seed, epoch, index): the same
+    augmentation whatever the worker count or resume point. In the main process the streams are
+    put back afterwards (dropout and the rest of training keep their own sequence)."""
+    s = _sample_seed(seed, epoch, index)
+    gen = torch.default_generator
+    in_main = get_worker_info() is None
+    saved = (gen.get_state(), random.getstate(), np.random.get_state() if numpy else None) if in_main else None
+    gen.manual_seed(s)
+    random.seed(s)
+    if numpy:
+        np.random.seed(s)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            gen.set_state(saved[0])
+            random.setstate(saved[1])
+            if saved[2] is not None:
+                np.random.set_state(saved[2])
+
+
 class TransformedDataset(Dataset):
     """Applies a transform; with ``seed`` set, every random draw of the transform is seeded by
     (seed, epoch, index), so augmentation does not depend on worker count or resume point.
@@ -88,23 +113,8 @@ class TransformedDataset(Dataset):
             if self._cache is not None:
                 self._cache[i] = item
             return item
-        s = _sample_seed(self.seed, self.epoch, i)
-        gen = torch.default_generator
-        in_main = get_worker_info() is None
-        if in_main:
-            saved = gen.get_state(), random.getstate(), np.random.get_state() if self.seed_numpy else None
-        gen.manual_seed(s)
-        random.seed(s)
-        if self.seed_numpy:
-            np.random.seed(s)
-        try:
+        with seeded_sample(self.seed, self.epoch, i, numpy=self.seed_numpy):
             return self.transform(img), target
-        finally:
-            if in_main:
-                gen.set_state(saved[0])
-                random.setstate(saved[1])
-                if saved[2] is not None:
-                    np.random.set_state(saved[2])
 
 
 class EpochBatchSampler(Sampler[list[int]]):

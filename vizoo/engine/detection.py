@@ -25,18 +25,18 @@ Why each choice:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import random
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
+
+from vizoo.data.loaders import seeded_sample
 
 from .config import TrainConfig, infer_task
 from .distributed import unwrap
@@ -98,28 +98,6 @@ def coco_split_paths(data: str, splits: Sequence[str], progress: bool = False) -
     return out
 
 
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    from vizoo.data.loaders import _sample_seed as seed_of  # the classification data's seeding
-
-    return seed_of(seed, epoch, index)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """torchvision's random transforms draw from torch's default generator (and ``random``): seed
-    them for one sample; in the main process the streams are put back (dropout keeps its own)."""
-    in_main = torch.utils.data.get_worker_info() is None
-    saved = (torch.default_generator.get_state(), random.getstate()) if in_main else None
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            torch.default_generator.set_state(saved[0])
-            random.setstate(saved[1])
-
-
 class DetectionSplit(Dataset):
     """One split as the engine feeds it: a `CocoDetection` whose transforms are set by
     `DetectionTask.attach_transforms`, images normalised, augmentation seeded per sample."""
@@ -147,7 +125,7 @@ class DetectionSplit(Dataset):
         if self.seed is None:
             image, target = self.base[i]
         else:
-            with _seeded(_sample_seed(self.seed, self.epoch, i)):
+            with seeded_sample(self.seed, self.epoch, i):
                 image, target = self.base[i]
         if self.mean is not None:
             image = (image - self.mean) / self.std

@@ -208,11 +208,13 @@ class StageInteractor(nn.Module):
             return
         info = getattr(self.backbone, "feature_info", None)
         if info is None or not hasattr(info, "module_name"):
-            raise NotImplementedError("frozen_stages needs a timm-style backbone with feature_info")
+            raise ValueError("frozen_stages needs a timm-style backbone with feature_info (a vizoo or "
+                             "timm model built with features_only=True); pass frozen_stages=0 otherwise")
         stop = info.module_name()[frozen_stages - 1].replace(".", "_")
         children = [n for n, _ in self.backbone.named_children()]
         if stop not in children:
-            raise NotImplementedError(f"cannot find the backbone level {stop!r} among {children}")
+            raise ValueError(f"frozen_stages={frozen_stages}: no backbone child named {stop!r} (children: "
+                             f"{children}); use the default feature wrapper or frozen_stages=0")
         self.frozen_modules = children[: children.index(stop) + 1]
         for name in self.frozen_modules:
             for p in getattr(self.backbone, name).parameters():
