@@ -174,6 +174,15 @@ class Run:
         return cmd + (["--resume"] if resume else [])
 
 
+def _shown(path: Path) -> str:
+    """A path as results files record it: relative to the working directory when inside it, so
+    the results say nothing about the machine they were made on."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -322,7 +331,7 @@ def run_all(runs: list[Run], data: str, epochs: int, args: argparse.Namespace) -
 def run_summary(run: Run, epochs: int) -> dict[str, Any]:
     history = read_history(run.dir)
     row: dict[str, Any] = {"variant": run.variant, "name": run.name, "reuse": run.reuse, "csla": run.csla,
-                           "seed": run.seed, "run_dir": str(run.dir), "epochs_done": len(history),
+                           "seed": run.seed, "run_dir": _shown(run.dir), "epochs_done": len(history),
                            "finished": bool(history) and history[-1].get("epoch") == epochs}
     if not history:
         return row
@@ -530,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                                                for i, a in enumerate(sys.argv)]]),
             "epochs": epochs, "iters_per_epoch": per_epoch, "iters": iters, "batch_size": batch_size(),
             "num_train": args.num_train, "num_val": args.num_val, "threads": args.threads, "jobs": args.jobs,
-            "data": data, "runs_dir": str(group)}
+            "data": data, "runs_dir": _shown(group)}
     text = write_results(rows, summary, meta, Path(args.results).expanduser())
     print(text)
     estimate = estimate_standard(rows, meta)
