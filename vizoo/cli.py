@@ -22,6 +22,8 @@ _COMMAND_MODULES = (
     "vizoo.quickstart",
     "vizoo.visualize",
     "vizoo.doctor",
+    "vizoo.continual.cli",
+    "vizoo.demo.cli",
 )
 
 
@@ -73,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
+            if not e.name or not (module_name + ".").startswith(e.name + "."):
+                raise  # a missing dependency inside the module, not an optional command
             continue
         module.register_cli(sub)
     for name, command in sub.choices.items():

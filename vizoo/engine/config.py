@@ -68,6 +68,8 @@ class TrainConfig:
     mixup: float = _f(0.0, "mixup alpha (0 = off), timm.data.Mixup")
     cutmix: float = _f(0.0, "cutmix alpha (0 = off)")
     mixup_prob: float = _f(1.0, "probability of applying mixup/cutmix to a batch")
+    param_norm_penalty: float = _f(0.0, "add lambda * sum of the (non-squared) L2 norms of the trainable "
+                                   "tensors to the loss (CLR's regulariser: 1e-5)")
     # --- optimisation ---
     epochs: int = _f(10, "epochs to train")
     batch_size: int = _f(64, "GLOBAL batch size (all processes together, per optimizer micro-step)")

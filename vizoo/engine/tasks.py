@@ -38,10 +38,13 @@ How the other methods of the zoo plug in (as each method's paper and official co
   attention layers) are two Trainer runs with different ``trainable`` patterns, and
   ``param_groups`` gives weights lr 1e-5 and activation scales lr 1e-4; the meter reports
   epsilon-MSE versus FP per timestep (``primary_metric = "eps_mse"``, lower is better).
-- **Continual learning (CLR)**: an outer loop over the task sequence runs one Trainer per task
-  with ``trainable=["*clr*", "*bn*", "head.*"]`` (``freeze_bn_stats`` then leaves frozen norms
-  alone) after ``model.add_task``/``set_task``; each run is classification as below, and the
-  outer loop records the accuracy matrix (forgetting).
+- **Continual learning (CLR)**: `vizoo.continual.sequence.run_sequence` is the outer loop over a
+  task sequence: ``model.add_task`` (which also sets what trains: CLR kernels, norms and the head,
+  or all of it for the baselines that finetune), then one Trainer run of the ``continual``
+  adapter (`vizoo.engine.continual.ContinualTask`: classification on one task's in-memory
+  tensors, no augmentation, CE + ``param_norm_penalty``), best-val weights kept, the task's state
+  saved alone, and the accuracy matrix updated on every task seen so far (frozen norms stay in
+  eval through ``freeze_bn_stats``).
 
 Model hook: if the unwrapped model defines ``on_train_step(epoch_progress: float)``, the Trainer
 calls it before every training forward pass with the epochs elapsed as a fraction (epoch 2,
@@ -213,6 +216,8 @@ class ClassificationTask(TaskAdapter):
             x, y = self.mixup(x, y)
         logits = model(x)
         loss = self.train_loss_fn(logits, y)
+        if self.cfg.param_norm_penalty:
+            loss = loss + self.cfg.param_norm_penalty * trainable_norm_sum(model)
         return StepOutput(loss=loss, num_samples=int(x.shape[0]))
 
     def new_meter(self) -> ClassificationMeter:
@@ -235,6 +240,12 @@ class ClassificationTask(TaskAdapter):
 
 
 _CACHE_BYTES = 256 * 2 ** 20  # un-augmented datasets up to this size keep their tensors in memory
+
+
+def trainable_norm_sum(model: nn.Module) -> torch.Tensor:
+    """Sum over trainable tensors of their L2 norm (not squared): CLR's regulariser."""
+    norms = [p.norm() for p in model.parameters() if p.requires_grad]
+    return torch.stack(norms).sum() if norms else torch.zeros(())
 
 
 def classification_loss(cfg: TrainConfig) -> nn.Module:
@@ -269,7 +280,8 @@ def resolved_img_size(cfg: TrainConfig, model: nn.Module | None) -> int:
 
 TASKS: dict[str, type[TaskAdapter]] = {"classification": ClassificationTask}
 #: adapters registered on first use ("module:Class"), so classification never imports their dependencies
-LAZY_TASKS: dict[str, str] = {"detection": "vizoo.engine.detection:DetectionTask"}
+LAZY_TASKS: dict[str, str] = {"detection": "vizoo.engine.detection:DetectionTask",
+                               "continual": "vizoo.engine.continual:ContinualTask"}
 
 
 def register_task(cls: type[TaskAdapter]) -> type[TaskAdapter]:

@@ -8,6 +8,7 @@ imported first without a cycle.
 from .adaptive_mixing import CascadeAdaptiveMixing, layer_norm2
 from .aff import AdaptiveFrequencyFilter
 from .box_attention import BoxSelfAttention, iof_attention_bias
+from .clr import CLR_MODES, CLRConv2d, apply_clr, clr_layers, identity_init_
 from .box_ops import (box_iof, pow2, refine_xyzr, whole_image_xyzr, xyxy_to_xyzr, xyzr_position_embedding,
                       xyzr_size, xyzr_to_xyxy)
 from .det_assign import candidate_stages, csla_targets, hungarian_match, hungarian_match_batch
@@ -46,6 +47,8 @@ __all__ = [
     "sample_multilevel", "level_weights", "level_anchor_z", "CascadeAdaptiveMixing", "layer_norm2",
     "hungarian_match", "hungarian_match_batch", "csla_targets", "candidate_stages",
     "StageInteractorCriterion",
+    # CLR's channel-wise reprogramming of frozen convs (clr.py)
+    "CLRConv2d", "apply_clr", "clr_layers", "identity_init_", "CLR_MODES",
     # export forms (export_mode.py)
     "ExportAware", "export_mode", "has_export_form",
 ]

@@ -10,6 +10,7 @@ _FAMILIES = (
     "affnet",
     "evit",
     "stageinteractor",
+    "clr",
 )
 
 for _name in _FAMILIES:
