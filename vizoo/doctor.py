@@ -49,7 +49,7 @@ PACKAGES: tuple[Package, ...] = (
     Package("ai-edge-litert", "ai_edge_litert", ("ai-edge-litert",), True, "export"),
     Package("ai-edge-quantizer", "ai_edge_quantizer", ("ai-edge-quantizer",), True, "export"),
     # the demos' camera/video I/O only: reported, never a failure
-    Package("OpenCV", "cv2", ("opencv-python-headless", "opencv-python", "opencv-contrib-python",
+    Package("OpenCV", "cv2", ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
                               "opencv-contrib-python-headless"), False, "demo"),
 )
 
