@@ -27,6 +27,9 @@ class ModelInfo:
     notes: str = ""
     license: str = ""
     export_formats: tuple[str, ...] = ()
+    #: continual models (CLR): parameters one more task adds, head excluded, and the backbone's
+    params_per_task: int | None = None
+    backbone_params: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,6 +47,8 @@ def model_info(name: str, **kwargs: Any) -> ModelInfo:
         macs_note=cfg.macs_note, paper_metrics=dict(cfg.paper_metrics),
         weights=cfg.source or "none published", notes=cfg.notes, license=cfg.license,
         export_formats=tuple(cfg.export_formats),
+        params_per_task=model.parameters_per_task() if hasattr(model, "parameters_per_task") else None,
+        backbone_params=model.backbone_parameters() if hasattr(model, "backbone_parameters") else None,
     )
 
 
@@ -60,6 +65,10 @@ def format_info(info: ModelInfo) -> str:
         ("MACs", f"{info.macs / 1e9:.3f} G" + (f"   paper: {pm['macs_g']} G" if "macs_g" in pm else "")),
         ("MAC counter", info.mac_counter + (f"; {info.macs_note}" if info.macs_note else "")),
     ]
+    if info.params_per_task is not None and info.backbone_params:
+        rows.append(("params per task", f"{info.params_per_task:,} ({100.0 * info.params_per_task / info.backbone_params:.2f} % "
+                     f"of the {info.backbone_params:,}-parameter backbone; reprogramming kernels + norm affines, "
+                     "head excluded)"))
     for k, v in pm.items():
         if k not in ("params_m", "macs_g"):
             rows.append((f"paper {k}", str(v)))

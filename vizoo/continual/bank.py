@@ -246,21 +246,10 @@ class ContinualModel(nn.Module):
 
         ``check_backbone=False`` skips the fingerprint check: for methods that train the shared
         backbone (sequential finetuning), whose weights a resumed run restores separately."""
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"task state {path} not found")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads((f.metadata() or {}).get("vizoo", "{}"))
-        except Exception as e:  # noqa: BLE001 - not safetensors, truncated, ...
-            raise ValueError(f"{path} is not a vizoo task state ({type(e).__name__}: {e}); save one with "
-                             "ContinualModel.save_task") from e
-        if meta.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not a vizoo task state (no {STATE_FORMAT!r} metadata); save one with "
-                             "ContinualModel.save_task")
+        meta = read_task_metadata(path)
         if meta.get("method") != self.method.name:
             raise ValueError(f"{path} holds a {meta.get('method')!r} task state; this model runs "
                              f"{self.method.name!r}: build the model with method={meta.get('method')!r}")
@@ -340,10 +329,30 @@ class ContinualModel(nn.Module):
         return f"method={self.method.name}, tasks={self.tasks}, current={self._current!r}"
 
 
+def read_task_metadata(path: str | os.PathLike) -> dict:
+    """The metadata `ContinualModel.save_task` wrote (task, classes, method, backbone fingerprint)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task state {path} not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("vizoo", "{}"))
+    except Exception as e:  # noqa: BLE001 - not safetensors, truncated, ...
+        raise ValueError(f"{path} is not a vizoo task state ({type(e).__name__}: {e}); save one with "
+                         "ContinualModel.save_task") from e
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a vizoo task state (no {STATE_FORMAT!r} metadata); save one with "
+                         "ContinualModel.save_task")
+    return meta
+
+
 def shared_copy(module: nn.Module, shared: Iterable[torch.Tensor]) -> nn.Module:
     """A deep copy of ``module`` whose tensors in ``shared`` are the original objects (not copies)."""
     memo = {id(t): t for t in shared}
     return copy.deepcopy(module, memo)
 
 
-__all__ = ["ContinualModel", "TaskRecord", "is_norm_layer", "norm_tensor_names", "shared_copy", "STATE_FORMAT"]
+__all__ = ["ContinualModel", "TaskRecord", "is_norm_layer", "norm_tensor_names", "read_task_metadata", "shared_copy",
+           "STATE_FORMAT"]

@@ -1,8 +1,8 @@
 """The bundled continual benchmark: CLR against its baselines on six offline tasks.
 
 1. A quarter-width ResNet-18 (`vizoo.models.clr.resnet18_025`) is trained once on a proxy task
-   that is not in the sequence (self-supervised rotation prediction on photo crops and procedural
-   patterns; `vizoo.data.continual.proxy_task`) and frozen: the anchor.
+   that is not in the sequence (self-supervised rotation x colour-order prediction on photo crops
+   and drawn scenes; `vizoo.data.continual.proxy_task`) and frozen: the anchor.
 2. Every method of `vizoo.continual.METHODS` learns the same task sequence from that anchor, at
    equal epochs, for each seed (`run_sequence`); sequences run in parallel processes.
 3. The table: average final accuracy, forgetting, parameters added per task, time; the accuracy
@@ -21,6 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..data.continual import PROXY_CLASSES
 from .methods import METHODS
 
 PROXY_RECIPE: dict[str, Any] = dict(opt="adamw", lr=2e-3, weight_decay=0.05, sched="cosine", warmup_epochs=1,
@@ -31,11 +32,11 @@ def backbone_cfg(img_size: int) -> dict[str, Any]:
     from ..registry import get_pretrained_cfg
 
     cfg = get_pretrained_cfg("clr_resnet18_025").to_dict()
-    cfg.update(architecture="resnet18_025", input_size=[3, img_size, img_size], num_classes=4)
+    cfg.update(architecture="resnet18_025", input_size=[3, img_size, img_size], num_classes=len(PROXY_CLASSES))
     return cfg
 
 
-def pretrain_backbone(out: str | os.PathLike, epochs: int = 15, img_size: int = 32, seed: int = 0,
+def pretrain_backbone(out: str | os.PathLike, epochs: int = 10, img_size: int = 32, seed: int = 0,
                       verbose: bool = False) -> Path:
     """Train the anchor on the proxy task once (resumable); returns its best checkpoint."""
     import contextlib
@@ -48,7 +49,7 @@ def pretrain_backbone(out: str | os.PathLike, epochs: int = 15, img_size: int = 
     best = out / "best.safetensors"
     if (out / "done.json").is_file() and best.is_file():
         return best
-    model = resnet18_025(num_classes=4)
+    model = resnet18_025(num_classes=len(PROXY_CLASSES))
     model.pretrained_cfg = backbone_cfg(img_size)
     cfg = dict(PROXY_RECIPE, model="resnet18_025", task="continual", data="continual:proxy", img_size=img_size,
                epochs=epochs, seed=seed, out=str(out), resume="auto")
@@ -148,7 +149,7 @@ def plot_matrices(results: list[dict[str, Any]], path: str | os.PathLike, seed: 
 
 def run_benchmark(out: str | os.PathLike = "runs/continual", methods: Sequence[str] | None = None,
                   seeds: Sequence[int] = (0, 1, 2), tasks: Sequence[str] | None = None, epochs: int = 8,
-                  proxy_epochs: int = 15, img_size: int = 32, jobs: int = 2, threads: int | None = None,
+                  proxy_epochs: int = 10, img_size: int = 32, jobs: int = 2, threads: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole benchmark; returns and writes ``results.json``/``results.md``/PNG."""
     from tqdm.auto import tqdm

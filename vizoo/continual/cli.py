@@ -26,6 +26,10 @@ def _cmd_continual(args: argparse.Namespace) -> int:
           f"{summary['epochs']} epochs a task, seeds {summary['seeds']}")
     print(format_summary(summary["rows"]))
     print(f"total {summary['total_seconds'] / 60:.1f} min; {args.out}/results.md, results.json, accuracy_matrix.png")
+    if "clr" in args.methods:
+        seed = args.seeds[0]
+        print(f"one phone file for all tasks: vizoo export clr_resnet18_025 --checkpoint {args.out}/backbone/best.safetensors "
+              f"--tasks {args.out}/clr/seed{seed}/*/task_state.safetensors")
     return 0
 
 
@@ -38,7 +42,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--tasks", nargs="+", default=None, help="task names (default: the bundled sequence)")
     p.add_argument("--epochs", type=int, default=8, help="epochs per task (every method the same)")
-    p.add_argument("--proxy-epochs", type=int, default=15, help="epochs of the anchor's proxy task")
+    p.add_argument("--proxy-epochs", type=int, default=10, help="epochs of the anchor's proxy task")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--jobs", type=int, default=2, help="sequences trained in parallel processes")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / jobs)")

@@ -21,9 +21,12 @@ import torch
 
 from .bank import ContinualModel
 
-#: CLR's recipe (official main.py), scaled in epochs only: Adam 1e-3, step decay x0.1 at 1/3 of
-#: the epochs, batch 32, lambda 1e-5 on the (non-squared) L2 norm of each trainable tensor.
-RECIPE: dict[str, Any] = dict(opt="adam", lr=1e-3, weight_decay=0.0, sched="step", decay_rate=0.1,
+#: CLR's recipe (official main.py: Adam 1e-3, x0.1 every 20 of 60 epochs, batch 32, no augmentation,
+#: lambda 1e-5 on the non-squared L2 norm of each trainable tensor, best-val weights) scaled to a
+#: few epochs: Adam 3e-3 with one x0.1 step at 3/4 of the epochs. At 8 epochs the official
+#: 1e-3 with steps at 1/3 and 2/3 leaves CLR's few parameters under-trained (measured on the
+#: colours task: 65 % vs 85 %); every method gets the same recipe.
+RECIPE: dict[str, Any] = dict(opt="adam", lr=3e-3, weight_decay=0.0, sched="step", decay_rate=0.1,
                               warmup_epochs=0, batch_size=32, eval_batch_size=128, param_norm_penalty=1e-5,
                               augment=False, smoothing=0.0, plots=False, progress="off", deterministic=False)
 
@@ -124,7 +127,7 @@ def run_sequence(model: ContinualModel, tasks: Sequence[str], out: str | os.Path
         model.add_task(task, len(split.classes), labels=split.classes, seed=seed * 1000 + j)
         cfg = dict(RECIPE, model=model_name or model.pretrained_cfg.get("architecture") or "continual",
                    task="continual", data=f"continual:{task}", img_size=img_size, split_seed=data_seed,
-                   epochs=epochs, decay_epochs=max(1, round(epochs / 3)), seed=seed, out=str(run_dir),
+                   epochs=epochs, decay_epochs=max(1, round(0.75 * epochs)), seed=seed, out=str(run_dir),
                    resume="auto")
         cfg.update(overrides or {})
         trainer = Trainer(cfg, model=model)

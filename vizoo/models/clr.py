@@ -18,7 +18,7 @@ or a baseline of `vizoo.continual.METHODS`; ``backbone_checkpoint=`` loads the a
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch.nn as nn
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -77,6 +77,24 @@ def build_continual(backbone: nn.Module, num_classes: int = 0, method: str = "cl
     if num_classes:
         model.add_task("task0", int(num_classes), seed=0)
     return model
+
+
+def bank_from_files(name: str, task_files: Sequence[str | os.PathLike],
+                    backbone_checkpoint: str | os.PathLike | None = None) -> ContinualModel:
+    """A registered CLR model with the anchor's weights and the saved tasks loaded in order (the
+    method is read from the first task file): what ``vizoo export NAME --tasks ...`` exports."""
+    from ..continual.bank import read_task_metadata
+    from ..factory import create_model
+
+    if not task_files:
+        raise ValueError("no task files given; pass the task_state.safetensors files to load")
+    method = read_task_metadata(task_files[0]).get("method", "clr")
+    model = create_model(name, num_classes=0, method=method, backbone_checkpoint=backbone_checkpoint)
+    if not isinstance(model, ContinualModel):
+        raise ValueError(f"{name} is not a continual model; --tasks needs one of the clr_* models")
+    for path in task_files:
+        model.load_task(path)
+    return model.eval()
 
 
 def resnet18_025(num_classes: int = 10, in_chans: int = 3) -> ResNet:
