@@ -29,7 +29,15 @@ from tqdm.auto import tqdm
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["model", "format", "precision", "status", "size_mb", "rel_max_abs_diff", "cosine_min",
            "top1_agreement", "eager_rel_max_abs_diff", "tflite_ms", "torch_ms", "tflite_speedup",
-           "input", "target", "seconds", "latency_threads", "load_avg", "reason"]
+           "xnnpack_partitions", "ops_outside_xnnpack", "int8_vs_fp32", "input", "target", "seconds",
+           "latency_threads", "load_avg", "reason"]
+
+
+def outside_ops(info: dict[str, Any] | None) -> str:
+    """``details['xnnpack']['ops_outside']`` as one cell: ``RSQRT×35 ADD×2`` (empty: none)."""
+    if not info or "error" in info:
+        return ""
+    return " ".join(f"{op}×{k}" for op, k in info.get("ops_outside", {}).items())
 
 
 def rows_from_report(report: Any) -> list[dict[str, Any]]:
@@ -55,9 +63,27 @@ def rows_from_report(report: Any) -> list[dict[str, Any]]:
             "input": "x".join(map(str, report.input["shapes"][0])),
             # CoreML: the lowest deployment target the file's ops allow (iOS 15 ... 18)
             "target": r.details.get("minimum_deployment_target", ""), "seconds": round(r.seconds, 1),
+            # TFLite: how XNNPACK runs the file, read from the interpreter after delegation
+            "xnnpack_partitions": (r.details.get("xnnpack") or {}).get("partitions"),
+            "ops_outside_xnnpack": outside_ops(r.details.get("xnnpack")),
+            # int8: auto's own paired timing of the kept file against the fp32 file, when it has one
+            "int8_vs_fp32": next((a["latency_ratio"] for a in r.details.get("int8_attempts", [])
+                                  if a.get("int8_mode") == mode and a.get("latency_ratio") is not None), None),
             "reason": r.reason[:300],
         })
+    _int8_vs_fp32(rows)
     return rows
+
+
+def _int8_vs_fp32(rows: list[dict[str, Any]], retimed: bool = False) -> None:
+    """TFLite int8 latency / fp32 latency of the same model, both timed in the same run: auto's paired
+    timing when the row has it (``retimed``: the interleaved latency columns just measured)."""
+    fp32 = {r["model"]: r.get("tflite_ms") for r in rows if r["format"] == "tflite" and r["precision"] == "fp32"}
+    for r in rows:
+        base = fp32.get(r["model"])
+        if (r["format"] == "tflite" and str(r["precision"]).startswith("int8") and r.get("tflite_ms") and base
+                and (retimed or r.get("int8_vs_fp32") in (None, ""))):
+            r["int8_vs_fp32"] = round(float(r["tflite_ms"]) / float(base), 2)
 
 
 def _kind(fmt: str, precision: str) -> str:
@@ -123,8 +149,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
     lines = [
         "| model | format | precision | status | size (MB) | parity: max abs diff / output range | "
-        "worst cosine | top-1 agreement | CoreML target | TFLite ms | PyTorch ms | TFLite speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "worst cosine | top-1 agreement | CoreML target | TFLite ms | PyTorch ms | TFLite speed-up | "
+        "XNNPACK partitions (ops outside) | int8 / fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')[:120]}"
@@ -134,6 +161,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             _num(r.get("top1_agreement"), ".0%"), r.get("target") or "", _num(r.get("tflite_ms"), ".2f"),
             _num(r.get("torch_ms"), ".2f"),
             (_num(r.get("tflite_speedup"), ".2f") + "x") if r.get("tflite_speedup") else "",
+            (str(r.get("xnnpack_partitions") or "") + (f" ({r['ops_outside_xnnpack']})"
+                                                      if r.get("ops_outside_xnnpack") else "")),
+            _num(r.get("int8_vs_fp32"), ".2f"),
         ]) + " |")
     bounds = "; ".join(f"{p}: " + ", ".join(
         x for x in [f"max abs diff <= {b.rel_max_abs:g} of the output range" if b.rel_max_abs else "",
@@ -143,7 +173,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return ("\n".join(lines) + "\n\nParity on 64 bundled photographs (CoreML multifunction "
             "packages: tensor function on 64, camera-image function on 16; a lone image function on "
             "64; the worst function is shown). Bounds: " + bounds +
-            ". Latency: median of interleaved rounds (PyTorch eager and TFLite timed in the same "
+            ". XNNPACK partitions: DELEGATE nodes in the ai-edge-litert interpreter after delegation "
+            "(1 = the whole graph runs in XNNPACK), with the ops left outside it and their count. "
+            "int8 / fp32: the TFLite int8 file's latency over the fp32 file's, timed in the same run "
+            "(int8_mode auto's paired rounds: the median of per-round ratios; rows re-timed with "
+            "--relatency: the interleaved medians). "
+            "Latency: median of interleaved rounds (PyTorch eager and TFLite timed in the same "
             "run, after warm-up), batch 1, 2 threads unless the CSV's latency_threads says "
             "otherwise; load_avg in the CSV is the machine's 1-minute load then. Random weights; the "
             "running statistics of EvoNorm-B0 nets are estimated on 16 photographs first, as training "
@@ -166,7 +201,7 @@ def retime(rows: list[dict[str, Any]], names: list[str], out_dir: Path, threads:
             continue
         spec = resolve_spec(build_model(name), name=name)
         folder = out_dir / name.replace(":", "_")
-        files = {r["precision"]: folder / f"{spec.stem}_{r['precision']}.tflite" for r in mine
+        files = {r["precision"]: folder / f"{spec.stem}_{_kind(r['format'], r['precision'])}.tflite" for r in mine
                  if r["format"] == "tflite" and r["status"] != "failed"}
         files = {p: f for p, f in files.items() if f.is_file()}
         with torch.no_grad(), torch_threads(threads):
@@ -180,6 +215,7 @@ def retime(rows: list[dict[str, Any]], names: list[str], out_dir: Path, threads:
             if r["format"] == "tflite" and r["precision"] in lat:
                 tfl = lat[r["precision"]].median_ms
                 r.update(tflite_ms=round(tfl, 2), tflite_speedup=round(torch_ms / tfl, 2))
+        _int8_vs_fp32(mine, retimed=True)
 
 
 def main(argv: list[str] | None = None) -> int:

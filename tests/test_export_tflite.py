@@ -61,9 +61,19 @@ def test_int8_full_integer_within_stated_bounds(exported):
     _, report, out = exported
     r = report.result("tflite", "int8")
     assert r.status == "ok", r.reason
-    assert r.details["io"]["inputs"][0]["dtype"] == "int8"          # full integer, int8 I/O
-    assert r.details["int8_mode"] == "full"                          # auto kept the first mode
-    assert [a["int8_mode"] for a in r.details["int8_attempts"]] == ["full"]
+    # auto timed full against the fp32 file and kept it if not slower; at 10 µs a file this tiny is
+    # overhead-bound (int8 about 2x fp32 here), so auto may go on, and then keeps the fastest
+    attempts = r.details["int8_attempts"]
+    assert attempts[0]["int8_mode"] == "full" and attempts[0]["fp32_latency_ms"] > 0
+    timed = [a for a in attempts if a.get("latency_ratio") is not None]
+    if attempts[0]["latency_ratio"] <= 1.0:
+        assert len(attempts) == 1 and r.details["int8_decision"]["faster_than_fp32"]
+    else:
+        assert min(timed, key=lambda a: a["latency_ratio"])["int8_mode"] == r.details["int8_mode"]
+        assert "no verified int8 mode is faster than the fp32 file" in r.reason
+    if r.details["int8_mode"] == "full":
+        assert r.details["io"]["inputs"][0]["dtype"] == "int8"      # full integer, int8 I/O
+    assert r.details["xnnpack"]["partitions"] == 1
     p = r.parity()
     assert p["cosine_min"] >= r.verification["bounds"]["cosine_min"] == 0.95
     assert p["top1_agreement"] >= 0.75

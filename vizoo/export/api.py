@@ -104,8 +104,7 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
             pin = labelled_inputs(spec, *verify_data)
         else:
             pin = labelled_inputs(spec, verify_data)
-        ref = spec.reference(pin.samples, export_form=True)
-        ref_eager = spec.reference(pin.samples, export_form=False) if spec.export_aware else None
+        ref, ref_eager = spec.references(pin.samples)
 
     results = []
     jobs = [(f, p) for f in fmts for p in precisions]
@@ -113,7 +112,8 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
         opts = fmt.resolve_options({k: v for k, v in options.items() if k in fmt.options})
         auto = _auto_option(prec, opts)
         if auto:
-            results.append(_export_auto(spec, fmt, prec, auto, opts, out, calibration_data, pin, ref, ref_eager))
+            results.append(_export_auto(spec, fmt, prec, auto, opts, out, calibration_data, pin, ref, ref_eager,
+                                        threads))
         else:
             results.append(_export_one(spec, fmt, prec, opts, out, calibration_data, pin, ref, ref_eager))
 
@@ -164,9 +164,16 @@ def _export_one(spec: ModelSpec, fmt: ExportFormat, precision: str, options: dic
 
 
 #: ``<option>="auto"`` tries these modes in order and keeps the first file that passes its bounds:
-#: TFLite int8 from the most integer file down; CoreML fp16 from all-fp16 arithmetic down to fp16
-#: only in the weight layers.
+#: TFLite int8 from the most integer file down (and only one not slower than the fp32 file, see
+#: :data:`INT8_MAX_LATENCY_RATIO`); CoreML fp16 from all-fp16 arithmetic down to fp16 only in the
+#: weight layers.
 AUTO_ORDERS = {"int8_mode": ("full", "mixed", "dynamic"), "fp16_mode": ("all", "mixed")}
+
+#: TFLite ``int8_mode="auto"`` keeps a verified int8 file only if its latency is at most this
+#: multiple of the fp32 file's (both timed in paired rounds, here, at the export's threads): an int8
+#: file slower than fp32 has no reason to exist. When no verified mode qualifies, the fastest
+#: verified one is kept and the report says so and names the ops that cost.
+INT8_MAX_LATENCY_RATIO = 1.0
 
 
 def _auto_option(precision: str, options: dict[str, Any]) -> str | None:
@@ -181,24 +188,115 @@ def _auto_option(precision: str, options: dict[str, Any]) -> str | None:
 
 def _export_auto(spec: ModelSpec, fmt: ExportFormat, precision: str, key: str, options: dict[str, Any],
                  out: Path, calibration_data: Any, pin: ParityInputs | None, ref: Any,
-                 ref_eager: Any) -> FormatResult:
+                 ref_eager: Any, threads: int = 2) -> FormatResult:
     """The first mode of ``AUTO_ORDERS[key]`` whose file verifies (the first one without
-    verification). Every attempt and why it was left is in ``details['<int8|fp16>_attempts']``."""
-    attempts, seconds = [], 0.0
+    verification); for TFLite int8 also not slower than the fp32 file. Every attempt, why it was
+    left and (int8) the latencies that decided are in ``details['<int8|fp16>_attempts']``."""
+    attempts: list[dict[str, Any]] = []
+    seconds = 0.0
+    timed = key == "int8_mode" and fmt.name == "tflite" and pin is not None
+    slower: dict[str, tuple[FormatResult, dict[str, Any], list[tuple[Path, Path]]]] = {}
+    chosen, chosen_mode = None, None
     for mode in AUTO_ORDERS[key]:
         result = _export_one(spec, fmt, precision, {**options, key: mode}, out, calibration_data,
                              pin, ref, ref_eager)
         seconds += result.seconds
-        attempts.append({key: mode, "status": result.status, "reason": result.reason[:300]})
-        if result.status != "failed" or pin is None:
+        attempt = {key: mode, "status": result.status, "reason": result.reason[:300]}
+        attempts.append(attempt)
+        if result.status == "failed" and pin is not None:
+            continue
+        if timed and result.status == "ok":
+            attempt.update(_int8_against_fp32(spec, result, options, threads))
+        ratio = attempt.get("latency_ratio")
+        if ratio is None or ratio <= INT8_MAX_LATENCY_RATIO:
+            chosen, chosen_mode = result, mode
             break
-    result.seconds = seconds
-    result.details[key] = mode
-    result.details[key.replace("_mode", "_attempts")] = attempts
-    if len(attempts) > 1:
-        left = "; ".join(f"{a[key]}: {a['reason'][:120]}" for a in attempts[:-1])
-        result.reason = (f"{key} auto chose {mode} ({left})" + (f". {result.reason}" if result.reason else ""))
-    return result
+        attempt["reason"] = (f"verified, but {ratio:.2f}x the fp32 file's latency "
+                             f"({attempt['latency_ms']:.3g} vs {attempt['fp32_latency_ms']:.3g} ms)")
+        slower[mode] = (result, attempt, _set_aside(result, mode))  # the next mode overwrites the file
+    why_slow = ""
+    if chosen is None and slower:  # every verified mode is slower than fp32: keep the fastest, say why
+        chosen_mode = min(slower, key=lambda m: slower[m][1]["latency_ratio"])
+        chosen, attempt, moved = slower.pop(chosen_mode)
+        for final, aside in moved:
+            os.replace(aside, final)
+        why_slow = (f"no verified int8 mode is faster than the fp32 file here; kept {chosen_mode}, the "
+                    f"fastest ({attempt['latency_ratio']:.2f}x fp32). Cause: "
+                    + slow_int8_cause(chosen.details.get("xnnpack")))
+    for _, _, moved in slower.values():
+        for _, aside in moved:
+            aside.unlink(missing_ok=True)
+    if chosen is None:  # nothing verified: the last attempt, failed
+        chosen, chosen_mode = result, attempts[-1][key]
+    chosen.seconds = seconds
+    chosen.details[key] = chosen_mode
+    chosen.details[key.replace("_mode", "_attempts")] = attempts
+    if timed:
+        timed_ok = [a for a in attempts if a.get("latency_ratio") is not None]
+        chosen.details["int8_decision"] = {
+            "rule": f"the first verified mode of {list(AUTO_ORDERS[key])} whose latency is at most "
+                    f"{INT8_MAX_LATENCY_RATIO:g}x the fp32 file's (median ratio of paired timing "
+                    f"rounds, {threads} threads, on the exporting machine); else the fastest verified one",
+            "faster_than_fp32": bool(timed_ok) and not why_slow,
+            **({"cause": why_slow} if why_slow else {})}
+    left = [a for a in attempts if a[key] != chosen_mode]
+    if left or why_slow:
+        text = "; ".join(f"{a[key]}: {a['reason'][:120]}" for a in left)
+        chosen.reason = (f"{key} auto chose {chosen_mode}" + (f" ({text})" if text else "")
+                         + (f". {why_slow}" if why_slow else "")
+                         + (f". {chosen.reason}" if chosen.reason else ""))
+    return chosen
+
+
+def _set_aside(result: FormatResult, mode: str) -> list[tuple[Path, Path]]:
+    """Move a file (and its sidecar) out of the next attempt's way: ``[(path, hidden copy)]``."""
+    moved = []
+    for name in (result.file, result.details.get("sidecar_file")):
+        if name and Path(name).exists():
+            aside = Path(name).with_name(f".{Path(name).name}.{mode}")
+            os.replace(name, aside)
+            moved.append((Path(name), aside))
+    return moved
+
+
+def _int8_against_fp32(spec: ModelSpec, result: FormatResult, options: dict[str, Any],
+                       threads: int) -> dict[str, Any]:
+    """Latency of a TFLite int8 file relative to the fp32 file it was made from, timed in paired
+    rounds (about two seconds, :func:`vizoo.export.bench.paired_ratio`): what ``int8_mode="auto"``
+    decides on."""
+    from .bench import paired_ratio
+    from .tflite import timed_invoke
+
+    nhwc = options.get("layout") == "nhwc" and spec.image_input
+    fp32 = spec.cache.get(("tflite_fp32", nhwc))
+    if fp32 is None or not result.file:
+        return {}
+    try:
+        r = paired_ratio(timed_invoke(result.file, threads)[0], timed_invoke(fp32, threads)[0])
+    except Exception as e:  # noqa: BLE001 - a file that cannot be timed is judged on parity alone
+        return {"latency_error": f"{type(e).__name__}: {e}"}
+    return {"latency_ms": round(r["ms"], 4), "fp32_latency_ms": round(r["base_ms"], 4),
+            "latency_ratio": round(r["ratio"], 3), "latency_round_ratios": r["round_ratios"],
+            "latency_threads": threads}
+
+
+def slow_int8_cause(info: dict[str, Any] | None) -> str:
+    """Which ops keep an int8 file from beating fp32, from its delegation (``details['xnnpack']``)."""
+    from .tflite import WEIGHT_OPS
+
+    if not info or "error" in info:
+        return "its XNNPACK delegation could not be read"
+    if info["ops_outside"]:
+        return ("ops outside XNNPACK: " + ", ".join(f"{op}×{k}" for op, k in info["ops_outside"].items())
+                + f" ({info['partitions']} partitions: TFLite's own int8 kernels and a hand-over at "
+                  "every split)")
+    glue = {op: k for op, k in info["op_counts"].items() if op not in WEIGHT_OPS}
+    qdq = glue.get("QUANTIZE", 0) + glue.get("DEQUANTIZE", 0)
+    top = ", ".join(f"{op}×{k}" for op, k in glue.items() if op not in ("QUANTIZE", "DEQUANTIZE"))
+    return (f"one XNNPACK partition, but {sum(glue.values())} of its {info['ops']} ops are not weight "
+            f"layers ({top}" + (f"; QUANTIZE/DEQUANTIZE×{qdq} around the ops kept in float" if qdq else "")
+            + "): int8 speeds up convolutions and matmuls, while XNNPACK's int8 elementwise kernels "
+              "(broadcast MUL/ADD/SUB, MEAN) are no faster than fp32 ones, and slower on small tensors")
 
 
 def _measure_latency(spec: ModelSpec, results: list[FormatResult], threads: int) -> dict[str, Any]:
@@ -220,7 +318,7 @@ def _measure_latency(spec: ModelSpec, results: list[FormatResult], threads: int)
                 fns[r.precision] = fn
             except Exception as e:  # noqa: BLE001
                 r.latency = {"error": f"{type(e).__name__}: {e}"}
-        lat = interleaved(fns, rounds=3, runs=7, warmup=3, threads=threads, batch=spec.batch_size,
+        lat = interleaved(fns, rounds=5, runs=7, warmup=3, threads=threads, batch=spec.batch_size,
                           budget_s=60)
     for r in files:
         if r.precision in lat:
@@ -239,9 +337,7 @@ def verify_file(fmt: ExportFormat | str, path: str | os.PathLike, spec: ModelSpe
     if pin is None:
         pin = parity_inputs(spec)
     if ref is None:
-        ref = spec.reference(pin.samples, export_form=True)
-        if spec.export_aware:
-            ref_eager = spec.reference(pin.samples, export_form=False)
+        ref, ref_eager = spec.references(pin.samples)
     try:
         functions = fmt.implementation().open_runner(path, spec)
         v = verify_functions(functions, spec, precision, pin, ref, ref_eager)

@@ -87,6 +87,40 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 5, runs: int = 
     return out
 
 
+def paired_ratio(fn: Callable[[], Any], base: Callable[[], Any], rounds: int = 9,
+                 seconds: float = 2.0, warmup: int = 3) -> dict[str, Any]:
+    """Latency of ``fn`` relative to ``base``, robust to load drift on a shared machine.
+
+    Each round times both (their order alternating) for about ``seconds / rounds`` together; the
+    ratio is the median over rounds of the two per-round medians' ratio, so a load spike hits one
+    round's numerator and denominator alike. Returns ``{"ratio", "ms", "base_ms", "round_ratios"}``.
+    """
+    for _ in range(warmup):
+        fn()
+        base()
+    t0 = time.perf_counter()
+    fn()
+    base()
+    runs = max(3, min(100, int(seconds / rounds / max(time.perf_counter() - t0, 1e-6))))
+    mine, theirs, ratios = [], [], []
+    for i in range(rounds):
+        per: dict[int, list[float]] = {0: [], 1: []}
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for _ in range(runs):
+            for k in order:
+                f = fn if k == 0 else base
+                t = time.perf_counter()
+                f()
+                per[k].append((time.perf_counter() - t) * 1e3)
+        a, b = statistics.median(per[0]), statistics.median(per[1])
+        mine.append(a)
+        theirs.append(b)
+        ratios.append(a / b)
+    return {"ratio": statistics.median(ratios), "ms": statistics.median(mine),
+            "base_ms": statistics.median(theirs), "round_ratios": [round(r, 3) for r in ratios],
+            "runs_per_round": runs}
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     old = torch.get_num_threads()

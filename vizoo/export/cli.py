@@ -25,7 +25,12 @@ def parse_img_size(text: str) -> int | tuple[int, int]:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .api import build_model, export_model
 
-    model = build_model(args.name, checkpoint=args.checkpoint)
+    if args.tasks:  # a continual model: the anchor's weights + one signature / function per task
+        from ..models.clr import bank_from_files
+
+        model = bank_from_files(args.name, args.tasks, args.checkpoint)
+    else:
+        model = build_model(args.name, checkpoint=args.checkpoint)
     options = {k: getattr(args, k) for k in all_options() if getattr(args, k) is not None}
     report = export_model(model, formats=args.format, input_size=args.img_size,
                           precision=args.precision, out_dir=args.out, verify=args.verify,
@@ -56,7 +61,11 @@ def register_cli(subparsers: Any) -> None:
         description="Export NAME (a registered vizoo model, or timm:NAME) to each format and "
                     "precision, verify every file on bundled real images, write report.json.")
     p.add_argument("name", help="registered model name (see `vizoo list`), or timm:NAME")
-    p.add_argument("--checkpoint", help="weights to export (.safetensors with its .json sidecar, or .pth)")
+    p.add_argument("--checkpoint", help="weights to export (.safetensors with its .json sidecar, or .pth); "
+                                        "with --tasks, the frozen backbone's weights")
+    p.add_argument("--tasks", nargs="+", metavar="FILE",
+                   help="continual models (clr_*): task states (save_task / `vizoo continual`) to put in one "
+                        "file, a TFLite signature / CoreML function per task")
     p.add_argument("--format", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS))
     p.add_argument("--img-size", type=parse_img_size, help="N or HxW (default: the model's)")

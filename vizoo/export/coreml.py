@@ -202,14 +202,21 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
     fp16_mode = "fp32" if precision == "fp32" else options.get("fp16_mode", "all")
     names = {"both": (IMAGE_FUNCTION, TENSOR_FUNCTION), "image": ("main",), "tensor": ("main",)}[mode]
     kinds = {"both": (True, False), "image": (True,), "tensor": (False,)}[mode]
-    ladder = deployment_targets(mode, compress)
+    specs = [spec] * len(names)
+    if spec.functions:  # one function per entry (a continual model's tasks), all of one input kind
+        if mode == "both":
+            raise ValueError("coreml_inputs='both' cannot be combined with several functions (tasks); "
+                             "choose 'image' or 'tensor'")
+        names, specs = tuple(spec.functions), list(spec.functions.values())
+        kinds = (mode == "image",) * len(names)
+    ladder = ("iOS18",) if len(names) > 1 else deployment_targets(mode, compress)
     tried: list[str] = []
     for i, target_name in enumerate(ladder):
         target = getattr(ct.target, target_name)
         last = i == len(ladder) - 1
         try:
-            functions = {n: _convert_one(spec, image, precision, target, fp16_mode, explain_failure=last)
-                         for n, image in zip(names, kinds)}
+            functions = {n: _convert_one(fspec, image, precision, target, fp16_mode, explain_failure=last)
+                         for n, image, fspec in zip(names, kinds, specs)}
             break
         except Exception as e:  # noqa: BLE001 - a lower target lacks an op: try the next one
             if last:
@@ -226,7 +233,7 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
                 src = Path(scratch) / f"{fname}.mlpackage"
                 m.save(str(src))
                 desc.add_function(str(src), src_function_name="main", target_function_name=fname)
-            desc.default_function_name = IMAGE_FUNCTION
+            desc.default_function_name = names[0]
             merged = Path(scratch) / "merged.mlpackage"
             ct.utils.save_multifunction(desc, str(merged))
             mlmodel = ct.models.MLModel(str(merged), skip_model_load=True)
@@ -234,8 +241,8 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
         out = Path(scratch) / "final.mlpackage"
         mlmodel.save(str(out))
         out.rename(path)
-    image_fn = {"both": IMAGE_FUNCTION, "image": "main"}.get(mode)
-    return {"functions": {name: "image" if name == image_fn else "tensor" for name in functions},
+    image_fns = {IMAGE_FUNCTION} if mode == "both" else set(names) if mode == "image" else set()
+    return {"functions": {name: "image" if name in image_fns else "tensor" for name in functions},
             "compute_precision": {"fp32": "fp32", "all": "fp16",
                                   "mixed": "fp16 in " + "/".join(sorted(FP16_MIXED_OPS)) + ", fp32 elsewhere"}[fp16_mode],
             "weight_compression": compress, "minimum_deployment_target": target_name,
@@ -276,6 +283,9 @@ def _set_metadata(mlmodel: Any, spec: ModelSpec, precision: str, mode: str, comp
             "crop_pct": spec.cfg.get("crop_pct", 1.0)})
     if spec.classifier:
         meta["vizoo.labels"] = json.dumps(spec.class_labels())
+    if spec.functions:
+        meta["vizoo.function_labels"] = json.dumps({k: f.class_labels() if f.classifier else None
+                                                    for k, f in spec.functions.items()})
 
 
 # --- running the file ---------------------------------------------------------------------------
@@ -321,6 +331,8 @@ def open_runner(path: str | Path, spec: ModelSpec | None = None) -> list[RunFunc
     path = Path(path)
     described = _function_descriptions(path)
     labels = spec.class_labels() if spec is not None and spec.classifier else []
+    labels_of = {name: (f.class_labels() if f.classifier else []) for name, f in spec.functions.items()} \
+        if spec is not None else {}
     multi = len(described) > 1
     on_mac = sys.platform == "darwin" and platform.mac_ver()[0] != ""
     if on_mac:
@@ -358,7 +370,8 @@ def open_runner(path: str | Path, spec: ModelSpec | None = None) -> list[RunFunc
 
         def run(sample: tuple[torch.Tensor, ...], _name: str = name, _desc: Any = desc) -> list[np.ndarray]:
             feeds, _ = _feature_inputs(_desc, sample)
-            return _outputs(_desc, call(_name, feeds), labels)
+            own = labels_of.get(_name) or (next(iter(labels_of.values())) if len(labels_of) == 1 else labels)
+            return _outputs(_desc, call(_name, feeds), own)
 
         functions.append(RunFunction(name, kind, run))
     return functions

@@ -88,10 +88,12 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
         },
         option_help={
             "layout": "image input layout: NHWC is what Android camera pipelines hand over",
-            "int8_mode": "auto: the most integer file that passes verification, trying "
-                         "full, then mixed, then dynamic (full when verify=False); full: int8 "
-                         "weights and activations in every op, calibrated on a representative "
-                         "dataset (int8 I/O, what NPUs want); mixed: the weight layers in int8 "
+            "int8_mode": "auto: the most integer file that passes verification and is not "
+                         "slower than the fp32 file (timed here), trying full, then mixed, then "
+                         "dynamic; if every verified one is slower, the fastest, and the report says "
+                         "which ops cost (full when verify=False); full: int8 weights and "
+                         "activations in every op but RSQRT (float: XNNPACK has no int8 kernel), "
+                         "calibrated on a representative dataset (int8 I/O); mixed: the weight layers in int8 "
                          "(calibrated), softmax/norms/other ops float (float I/O); dynamic: int8 "
                          "weights, activations quantized at run time (float I/O, no calibration)",
         },

@@ -146,7 +146,11 @@ def tflite_fp16(fp32: bytes) -> bytes:
 
 #: Ops whose constant weights dynamic-range int8 quantizes. Not BATCH_MATMUL: a constant on its
 #: left (AFFNet's DFT matrices) becomes an int8 LHS, which the TFLite kernel refuses at load time.
-DYNAMIC_INT8_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
+#: Not DEPTHWISE_CONV_2D (nor CONV_2D_TRANSPOSE): XNNPACK has no dynamic-range kernel for it, so
+#: each one ran in TFLite's hybrid kernel outside the delegate, splitting the graph (MobileNetV2-S0
+#: at 32 px: 19 partitions, and with 2 threads the hybrid kernels' own thread pool fought
+#: XNNPACK's: a 10 µs model took 1.8 ms). Depthwise weights are a small share of the file.
+DYNAMIC_INT8_OPS = ("FULLY_CONNECTED", "CONV_2D", "EMBEDDING_LOOKUP")
 
 
 def tflite_int8_dynamic(fp32: bytes) -> bytes:
@@ -166,26 +170,51 @@ def tflite_int8_dynamic(fp32: bytes) -> bytes:
 #: of those are what makes full-integer ViTs and AFFNet miss the int8 bound (README).
 MIXED_INT8_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE")
 
+#: Ops the "full" int8 mode leaves in float (DEQUANTIZE -> op -> QUANTIZE around each): XNNPACK has
+#: no int8 kernel for them, so in int8 each one ran outside the delegate and split the graph
+#: (EvoNorm-S0 MobileNetV2: 35 int8 RSQRTs, 38 partitions, slower than fp32; EvoNorm-B0/B1: SQRT,
+#: DIV, MAXIMUM). A float op between QUANTIZE/DEQUANTIZE stays inside the one XNNPACK partition,
+#: an rsqrt of a variance keeps its precision (an int8 rsqrt of a per-tensor-quantized variance
+#: loses most of it), and a float DIV cannot abort on a divisor that rounds to its zero point.
+FULL_INT8_FLOAT_OPS = ("RSQRT", "SQRT", "DIV", "MAXIMUM")
+
+#: Ops whose output tensor is named after a normalisation layer of vizoo (litert-torch names tensors
+#: by module path): the 1×1 convs of the export forms' group statistics (tiny (B, 1, 1, C) tensors).
+#: "mixed" keeps them float: as int8 convs each needed a QUANTIZE/DEQUANTIZE pair around it, three
+#: times as many ops as the statistic itself (MobileNetV2-S0 at 32 px: 225 QUANTIZE/DEQUANTIZE ops).
+NORM_STATISTICS_SCOPE = r"vizoo\.layers\.(evonorm\.EvoNorm2d|export_swaps\.GroupNormExport)\w*_[^/]*$"
+
 #: What each static int8 mode quantizes, for the report.
 STATIC_INT8_METHODS = {
-    "full": "ai-edge-quantizer static_wi8_ai8: int8 weights and activations in every supported op, "
-            "int8 I/O",
+    "full": "ai-edge-quantizer static_wi8_ai8: int8 weights and activations in every supported op "
+            "except " + ", ".join(FULL_INT8_FLOAT_OPS) + " (float: XNNPACK has no int8 kernel for "
+            "it), int8 I/O",
     "mixed": "ai-edge-quantizer static int8 (weights per channel, calibrated activations) in the "
-             "weight layers (" + ", ".join(MIXED_INT8_OPS) + "); other ops float, float I/O",
+             "weight layers (" + ", ".join(MIXED_INT8_OPS) + ", but not the normalisation layers' "
+             "statistics); other ops float, float I/O",
 }
 
 
 def _static_int8_recipe(mode: str) -> Any:
-    from ai_edge_quantizer import qtyping, recipe, recipe_manager
+    from ai_edge_quantizer import qtyping, recipe_manager
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
-    if mode == "full":
-        return recipe.static_wi8_ai8()
-    if mode != "mixed":
+    if mode not in ("full", "mixed"):
         raise ValueError(f"static int8 mode must be 'full' or 'mixed', not {mode!r}")
     manager = recipe_manager.RecipeManager()
+    if mode == "full":  # = recipe.static_wi8_ai8(), with FULL_INT8_FLOAT_OPS left in float
+        manager.add_static_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                                  activation_num_bits=8, weight_num_bits=8)
+        for op in FULL_INT8_FLOAT_OPS:
+            manager.add_quantization_config(regex=".*", operation_name=qtyping.TFLOperationName[op],
+                                            algorithm_key=AlgorithmName.NO_QUANTIZE)
+        return manager.get_quantization_recipe()
     for op in MIXED_INT8_OPS:
         manager.add_static_config(regex=".*", operation_name=qtyping.TFLOperationName[op],
                                   activation_num_bits=8, weight_num_bits=8)
+    for op in ("CONV_2D", "DEPTHWISE_CONV_2D"):  # later rules win: the norms' statistics stay float
+        manager.add_quantization_config(regex=NORM_STATISTICS_SCOPE, operation_name=qtyping.TFLOperationName[op],
+                                        algorithm_key=AlgorithmName.NO_QUANTIZE)
     return manager.get_quantization_recipe()
 
 

@@ -59,6 +59,10 @@ class FormatResult:
                          f"cos {p['cosine_min']:.6f}{top1}")
         if self.latency and "median_ms" in self.latency:
             parts.append(f"latency {self.latency['median_ms']:.2f} ms")
+        if self.details.get("xnnpack"):  # why a file is slow on a phone: a graph split by XNNPACK
+            from .tflite import describe_delegation
+
+            parts.append(describe_delegation(self.details["xnnpack"]))
         for key in ("int8_mode", "fp16_mode"):  # which mode auto kept, and why the others were left
             if self.details.get(key):
                 parts.append(f"{key.split('_')[0]} {self.details[key]}" + (f" ({self.reason})" if self.reason else ""))

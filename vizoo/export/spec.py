@@ -5,6 +5,7 @@ and the input size is checked by running the model before any converter starts.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -67,6 +68,9 @@ class ModelSpec:
     #: a detector whose ``forward_export`` gives (scores[B, N, C], boxes[B, N, 4]): parity also
     #: compares the top-k detections, which is what an app shows
     detector: bool = False
+    #: several entry points in one file (a continual model's tasks): name -> that function's spec;
+    #: the fields above are the first function's. Empty: one function.
+    functions: dict[str, "ModelSpec"] = field(default_factory=dict)
 
     @property
     def stem(self) -> str:
@@ -107,6 +111,16 @@ class ModelSpec:
             for k, y in enumerate(flatten_outputs(out)):
                 outs[k].append(y.detach().float().numpy())
         return [np.concatenate(o) for o in outs]
+
+
+    def references(self, samples: Sequence[tuple[torch.Tensor, ...]]) -> tuple[Any, Any]:
+        """(export-form, eager) references for verification; with several functions, dicts by
+        function name (eager None when no layer has an export form)."""
+        if self.functions:
+            eager = {k: s.reference(samples, export_form=False) for k, s in self.functions.items() if s.export_aware}
+            return {k: s.reference(samples) for k, s in self.functions.items()}, eager or None
+        return (self.reference(samples, export_form=True),
+                self.reference(samples, export_form=False) if self.export_aware else None)
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -201,6 +215,8 @@ def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = No
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module or a registered model name, got {type(model).__name__}")
+    if hasattr(model, "export_functions"):
+        return _resolve_functions(model, input_size, name, batch_size)
     input_size, batch_size = split_batch(input_size, batch_size)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputSizeError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -270,6 +286,24 @@ def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = No
         export_aware=[n or "<root>" for n, m in model.named_modules() if isinstance(m, ExportAware)],
         detector=detector,
     )
+
+
+def _resolve_functions(model: nn.Module, input_size: Any, name: str | None, batch_size: int) -> ModelSpec:
+    """A model with ``export_functions()`` (name -> module; e.g. one per task of a continual model)
+    becomes one file with a function/signature per entry: each entry is resolved as a model of its
+    own, and they must agree on their inputs."""
+    modules = model.export_functions()
+    if not modules:
+        raise ExportError(f"{type(model).__name__}.export_functions() returned nothing to export")
+    base = name or getattr(model, "vizoo_name", None) or _cfg_dict(model).get("architecture") or type(model).__name__
+    subs = {fname: resolve_spec(m, input_size, name=f"{base}:{fname}", batch_size=batch_size)
+            for fname, m in modules.items()}
+    first = next(iter(subs.values()))
+    for fname, sub in subs.items():
+        if sub.input_shapes != first.input_shapes or (sub.mean, sub.std) != (first.mean, first.std):
+            raise ExportError(f"function {fname!r} takes {sub.input_shapes} (mean {sub.mean}, std {sub.std}) but "
+                              f"the first takes {first.input_shapes} (mean {first.mean}): one file needs one input")
+    return dataclasses.replace(first, name=base, functions=subs, cache={})
 
 
 def _per_channel(values: tuple[float, ...], chans: int) -> tuple[float, ...]:

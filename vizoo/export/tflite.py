@@ -79,7 +79,8 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
         if key not in spec.cache:  # every precision starts from the same fp32 flatbuffer
             try:
                 with native_stderr_filtered():
-                    spec.cache[key] = bytes(litert_torch.convert(module.eval(), args).model_content())
+                    spec.cache[key] = (_convert_signatures(spec, nhwc, litert_torch) if spec.functions
+                                       else bytes(litert_torch.convert(module.eval(), args).model_content()))
             except Exception as e:  # noqa: BLE001 - every converter failure gets explained
                 raise diagnose(e, "tflite", spec.module, spec.example_inputs,
                                lambda m, a: litert_torch.convert(m.eval(), a)) from e
@@ -94,6 +95,10 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
                                "quantized at run time", "int8_mode": "dynamic"}
         elif precision == "int8":
             mode = options["int8_mode"]
+            if spec.functions:
+                raise ValueError("full-integer int8 of a file with several signatures is not supported (each "
+                                 "would need its own calibration); export fp32/fp16, or int8 with "
+                                 "int8_mode='dynamic'")
             if mode not in quantize.STATIC_INT8_METHODS:
                 raise ValueError(f"TFLite int8_mode {mode!r} is resolved by vizoo.export (auto) or is "
                                  f"one of full, mixed, dynamic")
@@ -114,7 +119,79 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
     data = embed_metadata(data, meta)
     path.write_bytes(data)
     return {"input_layout": "NHWC" if nhwc else "NCHW", "io": io, "quantization": quant,
-            "sidecar": meta}
+            "xnnpack": xnnpack_delegation(data), "sidecar": meta}
+
+
+#: Ops that do arithmetic with weights (the work int8 speeds up); the others are "glue" for
+#: :func:`xnnpack_delegation`'s op mix.
+WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL",
+              "CONV_3D")
+
+
+def xnnpack_delegation(model: bytes | str | os.PathLike, threads: int = 2) -> dict[str, Any]:
+    """How the XNNPACK delegate runs a .tflite: partitions and the ops it left outside.
+
+    Read from the interpreter after delegation (not guessed from the graph): ``allocate_tensors``
+    applies the default XNNPACK delegate, which appends one ``DELEGATE`` node per partition after
+    the graph's own nodes. An original node was taken by a partition when one of its outputs is a
+    partition output, or when every consumer of its outputs was taken too (a tensor internal to a
+    partition); every other node runs outside XNNPACK, in TFLite's own kernels, and each one splits
+    the graph. Returns ``{"partitions", "ops", "ops_outside": {op: count}, "op_counts"}`` (main
+    subgraph), or ``{"error": ...}`` when the runtime does not expose its nodes.
+    """
+    Interpreter, runtime = interpreter_class()
+    try:
+        if isinstance(model, (bytes, bytearray)):
+            it = Interpreter(model_content=bytes(model), num_threads=threads)
+        else:
+            it = Interpreter(model_path=str(model), num_threads=threads)
+        nodes = it._get_ops_details()  # private in ai-edge-litert 2.3 / tflite_runtime; no public twin
+        graph_outputs = {int(t) for t in it._interpreter.OutputIndices()}
+    except Exception as e:  # noqa: BLE001 - an informational field must not fail the export
+        return {"error": f"{runtime} does not expose its delegated nodes: {type(e).__name__}: {e}"}
+    return _partitions_from_nodes(nodes, graph_outputs)
+
+
+def _partitions_from_nodes(nodes: list[dict[str, Any]], graph_outputs: set[int]) -> dict[str, Any]:
+    """The partition count and the nodes outside any partition, from the delegated node list."""
+    delegates = [n for n in nodes if n["op_name"] == "DELEGATE"]
+    ops = [n for n in nodes if n["op_name"] != "DELEGATE"]
+    made_by_delegate = {int(t) for n in delegates for t in n["outputs"]}
+    read_by_delegate = {int(t) for n in delegates for t in n["inputs"]}
+    consumers: dict[int, list[int]] = {}
+    for n in ops:
+        for t in n["inputs"]:
+            if t >= 0:
+                consumers.setdefault(int(t), []).append(int(n["index"]))
+    taken: dict[int, bool] = {}
+    for n in reversed(ops):  # nodes are in execution order: consumers are decided first
+        outs = [int(t) for t in n["outputs"] if t >= 0]
+        taken[int(n["index"])] = any(t in made_by_delegate for t in outs) or (
+            bool(outs) and bool(delegates) and all(
+                t not in graph_outputs and t not in read_by_delegate and consumers.get(t)
+                and all(taken.get(c, False) for c in consumers[t]) for t in outs))
+    outside: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for n in ops:
+        counts[n["op_name"]] = counts.get(n["op_name"], 0) + 1
+        if not taken[int(n["index"])]:
+            outside[n["op_name"]] = outside.get(n["op_name"], 0) + 1
+    by_count = lambda d: dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))  # noqa: E731
+    return {"partitions": len(delegates), "ops": len(ops), "ops_outside": by_count(outside),
+            "op_counts": by_count(counts)}
+
+
+def describe_delegation(info: dict[str, Any] | None) -> str:
+    """One phrase for summaries: "1 XNNPACK partition" or "38 XNNPACK partitions (outside: RSQRT×35)"."""
+    if not info:
+        return ""
+    if "error" in info:
+        return "XNNPACK partitions unknown"
+    n = info["partitions"]
+    text = f"{n} XNNPACK partition{'s' if n != 1 else ''}"
+    if info["ops_outside"]:
+        text += " (outside: " + ", ".join(f"{op}×{k}" for op, k in info["ops_outside"].items()) + ")"
+    return text
 
 
 def _check_loads(data: bytes, spec: ModelSpec) -> None:
@@ -136,9 +213,30 @@ def _signature_inputs(data: bytes) -> list[str]:
     return list(it.get_signature_list()[SIGNATURE]["inputs"])
 
 
-def _io_details(data: bytes) -> dict[str, list[dict[str, Any]]]:
+def _convert_signatures(spec: ModelSpec, nhwc: bool, litert_torch: Any) -> bytes:
+    """One flatbuffer, one signature per function of ``spec`` (e.g. per task of a continual
+    model); litert-torch stores tensors with identical values once, so shared weights cost once."""
+    converter: Any = litert_torch
+    for name, sub in spec.functions.items():
+        module, args = sub.module.eval(), sub.example_inputs
+        if nhwc:
+            module = litert_torch.to_channel_last_io(module, args=[0])
+            args = (_to_nhwc(args[0]), *args[1:])
+        converter = converter.signature(name, module.eval(), args)
+    return bytes(converter.convert().model_content())
+
+
+def signatures(data: bytes | str | os.PathLike) -> list[str]:
+    """The signature names of a .tflite (file or bytes), in file order."""
     Interpreter, _ = interpreter_class()
-    runner = Interpreter(model_content=data).get_signature_runner(SIGNATURE)
+    it = (Interpreter(model_content=bytes(data)) if isinstance(data, (bytes, bytearray))
+          else Interpreter(model_path=str(data)))
+    return list(it.get_signature_list())
+
+
+def _io_details(data: bytes, signature: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    Interpreter, _ = interpreter_class()
+    runner = Interpreter(model_content=data).get_signature_runner(signature or signatures(data)[0])
 
     def describe(details: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
@@ -177,6 +275,10 @@ def sidecar(spec: ModelSpec, precision: str, io: dict[str, Any], nhwc: bool,
     if spec.classifier:
         meta["labels"] = spec.class_labels()
         meta["postprocessing"] = "logits: softmax for probabilities, argmax for the class"
+    if spec.functions:  # several signatures: each one's own classes (the top-level labels are the first's)
+        meta["signatures"] = {name: {"labels": sub.class_labels() if sub.classifier else None,
+                                     "num_classes": sub.num_classes, "model": sub.name}
+                              for name, sub in spec.functions.items()}
     if quant:
         meta["quantization"] = quant
     return meta
@@ -219,12 +321,17 @@ class TFLiteRunner:
     Takes care of the NHWC layout and of int8 inputs/outputs (scale and zero point).
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int = 2, layout: str | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int = 2, layout: str | None = None,
+                 signature: str | None = None):
         Interpreter, self.runtime = interpreter_class()
         self.path = Path(path)
         self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
         self.interpreter.allocate_tensors()
-        self.signature = self.interpreter.get_signature_runner(SIGNATURE)
+        names = list(self.interpreter.get_signature_list())
+        if signature is not None and signature not in names:
+            raise ValueError(f"{self.path.name} has no signature {signature!r}; it has: {', '.join(names)}")
+        self.signature_name = signature or (SIGNATURE if SIGNATURE in names or not names else names[0])
+        self.signature = self.interpreter.get_signature_runner(self.signature_name)
         self.inputs = self.signature.get_input_details()
         self.outputs = self.signature.get_output_details()
         if layout is None:
@@ -252,17 +359,21 @@ class TFLiteRunner:
         return results
 
     def function(self) -> RunFunction:
-        return RunFunction(SIGNATURE, "tensor", lambda sample: self(*sample))
+        return RunFunction(self.signature_name, "tensor", lambda sample: self(*sample))
 
 
 
-def timed_invoke(path: str | os.PathLike, threads: int = 2) -> tuple[Callable[[], None], int]:
+def timed_invoke(path: str | os.PathLike | bytes, threads: int = 2) -> tuple[Callable[[], None], int]:
     """A zero-argument call that only runs the graph (inputs set once), and the file's batch.
 
-    Its own interpreter: a signature runner holds references that forbid raw ``invoke``.
+    ``path``: a .tflite file, or its bytes. Its own interpreter: a signature runner holds
+    references that forbid raw ``invoke``.
     """
     Interpreter, _ = interpreter_class()
-    it = Interpreter(model_path=str(path), num_threads=threads)
+    if isinstance(path, (bytes, bytearray)):
+        it = Interpreter(model_content=bytes(path), num_threads=threads)
+    else:
+        it = Interpreter(model_path=str(path), num_threads=threads)
     it.allocate_tensors()
     details = it.get_input_details()
     rng = np.random.default_rng(0)
@@ -298,7 +409,8 @@ def _read_sidecar_or_metadata(path: Path) -> dict[str, Any]:
 
 
 def open_runner(path: str | os.PathLike, spec: ModelSpec | None = None, threads: int = 2) -> list[RunFunction]:
-    return [TFLiteRunner(path, threads=threads).function()]
+    """One RunFunction per signature of the file."""
+    return [TFLiteRunner(path, threads=threads, signature=name).function() for name in signatures(path)]
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:

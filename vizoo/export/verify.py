@@ -271,27 +271,36 @@ def verify_functions(functions: Sequence[RunFunction], spec: ModelSpec, precisio
                               "inputs": pin.source, "functions": {}}
     problems = []
     for fn in functions:
+        # a file with several functions (tasks): each is judged against its own PyTorch module
+        # (a lone function may be renamed by its format: CoreML calls a one-function package's "main")
+        key = fn.name if fn.name in spec.functions or len(spec.functions) != 1 else next(iter(spec.functions))
+        fspec = spec.functions.get(key, spec)
+        fref = ref.get(key) if isinstance(ref, dict) else ref
+        fref_eager = ref_eager.get(key) if isinstance(ref_eager, dict) else ref_eager
+        if fref is None:
+            raise Unverifiable(f"the file has a function {fn.name!r} that the model does not export "
+                               f"(it exports {', '.join(spec.functions) or 'one function'})")
         inputs = _fn_inputs(fn, pin)
         # A camera-image function beside a tensor function is spot-checked; alone, it gets them all.
         alone = len(functions) == 1
         n = len(inputs) if fn.kind == "tensor" or alone else min(len(inputs), image_samples)
         got = run_all(fn, inputs[:n])
         rows = n * spec.batch_size  # reference rows are images; a sample holds batch_size of them
-        p = parity([r[:rows] for r in ref], got, spec.classifier, spec.detector)
-        if pin.labels is not None and spec.classifier:
+        p = parity([r[:rows] for r in fref], got, fspec.classifier, fspec.detector)
+        if pin.labels is not None and fspec.classifier:
             truth = pin.labels[:rows].numpy()
             p.accuracy = float((got[0].reshape(rows, -1).argmax(-1) == truth).mean())
-            p.reference_accuracy = float((np.asarray(ref[0][:rows]).argmax(-1) == truth).mean())
+            p.reference_accuracy = float((np.asarray(fref[0][:rows]).argmax(-1) == truth).mean())
         entry: dict[str, Any] = {"input": fn.kind, "parity": p.to_dict()}
         fails = bounds.failures(p)
-        if ref_eager is not None:
-            pe = parity([r[:rows] for r in ref_eager], got, spec.classifier, spec.detector)
+        if fref_eager is not None:
+            pe = parity([r[:rows] for r in fref_eager], got, fspec.classifier, fspec.detector)
             entry["parity_eager"] = pe.to_dict()
             eager_fails = bounds.failures(pe)
             if eager_fails and not fails:
                 fails = [f"against the eager (non-export-mode) model: {f}" for f in eager_fails]
         if fails:
-            cause = likely_cause(fn, spec, precision, pin, ref, ref_eager, got)
+            cause = likely_cause(fn, fspec, precision, pin, fref, fref_eager, got)
             entry["cause"] = cause
             problems.append(f"{fn.name}: " + "; ".join(fails) + f". Likely cause: {cause}")
         result["functions"][fn.name] = entry

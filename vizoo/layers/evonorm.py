@@ -28,6 +28,18 @@ All statistics are computed in float32 and cast back, so half-precision inputs d
 the variance. The group std uses only 4-D tensors (per-channel spatial means, then a group
 average on the tiny (B, C, 1, 1) tensor), the same two-pass arithmetic as a 5-D reshape but with no
 5-D op for TFLite GPU delegates / NHWC layout conversion to trip on.
+
+Export form (the grouped S0/S0a/S1 layers are :class:`~vizoo.layers.export_mode.ExportAware`):
+the group average of the (B, C, 1, 1) statistics is a grouped 1×1 convolution with constant
+weights 1/(C/g) (``g`` groups of C/g channels: each output channel is the mean of its group, already
+broadcast back), instead of reshape → mean → expand → reshape. In an NHWC TFLite graph the latter
+becomes RESHAPE/TRANSPOSE pairs and a BROADCAST_TO, which XNNPACK does not run: MobileNetV2-S0 split
+into 67 delegate partitions. The conv form is one CONV_2D per average, all inside one partition.
+The normalisation is applied as one multiply by ``rsqrt(var + eps)·γ`` (the std folded into the
+affine scale), one full-resolution multiply fewer, and eps enters as that conv's bias. B0/B1 are
+ExportAware too: at inference their per-sample statistic gets eps as a conv bias, not an ADD of a
+scalar (an int8 file quantizes that scalar with a scale XNNPACK refuses). Equal to the eager form up
+to float32 rounding (tested, and checked on every export).
 """
 from __future__ import annotations
 
@@ -36,9 +48,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .export_mode import ExportAware
+from .export_swaps import group_mean_rstd, plus_eps
+
 __all__ = [
     "EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1",
-    "tf_num_groups", "resolve_num_groups", "instance_std", "group_std", "EVONORM_LAYERS",
+    "tf_num_groups", "resolve_num_groups", "instance_std", "group_std", "group_rstd_export",
+    "EVONORM_LAYERS",
     "get_evonorm_layer", "evonorm_norm_act",
 ]
 
@@ -120,6 +136,16 @@ def group_rstd(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
     return group_var(x, groups).add(eps).rsqrt()
 
 
+def group_rstd_export(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """`group_rstd` in the export form: the same two passes, every op one XNNPACK runs in a
+    single partition, in float32 and in int8 (:func:`vizoo.layers.export_swaps.group_mean_rstd`:
+    group averages as grouped 1×1 convs with constant weights instead of reshape → mean → expand,
+    which becomes RESHAPE/TRANSPOSE/BROADCAST_TO in an NHWC graph; eps as a conv bias)."""
+    if x.shape[1] % groups:
+        raise ValueError(f"EvoNorm: {groups} groups do not divide {x.shape[1]} channels")
+    return group_mean_rstd(x, groups, eps)[1]
+
+
 def _check_4d(x: torch.Tensor) -> None:
     if x.dim() != 4:
         raise ValueError(f"EvoNorm2d expects a 4-D (B, C, H, W) input, got shape {tuple(x.shape)}")
@@ -189,7 +215,7 @@ class _BatchVarMixin:
 
 # --- B variants (batch-dependent) -------------------------------------------------------------------
 
-class EvoNorm2dB0(_BatchVarMixin, _EvoNormBase):
+class EvoNorm2dB0(ExportAware, _BatchVarMixin, _EvoNormBase):
     """EvoNorm-B0: ``x / max(sqrt(var_{N,H,W}(x) + eps), v·x + sqrt(var_{H,W}(x) + eps)) · γ + β``.
 
     The left term uses the batch variance in training and ``running_var`` at inference; the right
@@ -213,12 +239,18 @@ class EvoNorm2dB0(_BatchVarMixin, _EvoNormBase):
         _check_4d(x)
         if self.apply_act:
             left = self._batch_var(x).add(self.eps).sqrt().view(1, -1, 1, 1)
-            right = x.float() * self.v.float().view(1, -1, 1, 1) + instance_std(x, self.eps)
+            if self.exporting and not self.training:  # eps of the instance variance as a conv bias
+                xf = x.float()
+                dev = xf - xf.mean(dim=(2, 3), keepdim=True)
+                std = plus_eps((dev * dev).mean(dim=(2, 3), keepdim=True), self.eps).sqrt()
+                right = xf * self.v.float().view(1, -1, 1, 1) + std
+            else:
+                right = x.float() * self.v.float().view(1, -1, 1, 1) + instance_std(x, self.eps)
             x = (x.float() / torch.maximum(left, right)).to(x.dtype)
         return self._affine(x)
 
 
-class EvoNorm2dB1(_BatchVarMixin, _EvoNormBase):
+class EvoNorm2dB1(ExportAware, _BatchVarMixin, _EvoNormBase):
     """timm's EvoNorm-B1 (paper correspondence unverified): ``x / max(sqrt(var_b + eps),
     (x + 1)·rms_{H,W}(x))``; no ``v``. Only the running-variance Bessel factor differs from timm."""
 
@@ -238,14 +270,19 @@ class EvoNorm2dB1(_BatchVarMixin, _EvoNormBase):
         if self.apply_act:
             left = self._batch_var(x).add(self.eps).sqrt().view(1, -1, 1, 1)
             xf = x.float()
-            rms = xf.square().mean(dim=(2, 3), keepdim=True).add(self.eps).sqrt()
+            if self.exporting and not self.training:  # eps as a conv bias (see plus_eps)
+                rms = plus_eps((xf * xf).mean(dim=(2, 3), keepdim=True), self.eps).sqrt()
+            else:
+                rms = xf.square().mean(dim=(2, 3), keepdim=True).add(self.eps).sqrt()
             x = (xf / torch.maximum(left, (xf + 1) * rms)).to(x.dtype)
         return self._affine(x)
 
 
 # --- S variants (per sample, batch-independent) ---------------------------------------------------
 
-class _GroupedEvoNorm(_EvoNormBase):
+class _GroupedEvoNorm(ExportAware, _EvoNormBase):
+    """Per-sample group statistics; ``exporting`` switches to the export form (module docstring)."""
+
     def __init__(self, num_features: int, groups: int = DEFAULT_GROUPS, group_size: Optional[int] = None,
                  apply_act: bool = True, eps: float = PAPER_EPS, group_fallback: Optional[bool] = None,
                  timm_compatible: bool = False, device=None, dtype=None) -> None:
@@ -255,6 +292,11 @@ class _GroupedEvoNorm(_EvoNormBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", groups={self.groups}"
+
+    def _scale_shift(self, rstd: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Export form: ``rstd·γ`` (B, C, 1, 1) and ``β`` (1, C, 1, 1), so ``y = a·scale + shift``."""
+        shape = (1, -1, 1, 1)
+        return (rstd.to(dtype) * self.weight.to(dtype).view(shape)), self.bias.to(dtype).view(shape)
 
 
 class EvoNorm2dS0(_GroupedEvoNorm):
@@ -276,6 +318,9 @@ class EvoNorm2dS0(_GroupedEvoNorm):
         _check_4d(x)
         if self.apply_act:
             v = self.v.to(x.dtype).view(1, -1, 1, 1)
+            if self.exporting:
+                scale, shift = self._scale_shift(group_rstd_export(x, self.groups, self.eps), x.dtype)
+                return x * torch.sigmoid(x * v) * scale + shift
             x = x * torch.sigmoid(x * v) * group_rstd(x, self.groups, self.eps).to(x.dtype)
         return self._affine(x)
 
@@ -292,6 +337,11 @@ class EvoNorm2dS0a(EvoNorm2dS0):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_4d(x)
+        if self.exporting:
+            scale, shift = self._scale_shift(group_rstd_export(x, self.groups, self.eps), x.dtype)
+            if self.v is not None:
+                x = x * torch.sigmoid(x * self.v.to(x.dtype).view(1, -1, 1, 1))
+            return x * scale + shift
         d = group_std(x, self.groups, self.eps).to(x.dtype)
         if self.v is not None:
             x = x * torch.sigmoid(x * self.v.to(x.dtype).view(1, -1, 1, 1))
@@ -314,6 +364,9 @@ class EvoNorm2dS1(_GroupedEvoNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_4d(x)
         if self.apply_act:
+            if self.exporting:
+                scale, shift = self._scale_shift(group_rstd_export(x, self.groups, self.eps), x.dtype)
+                return self.act(x) * scale + shift
             x = self.act(x) / group_std(x, self.groups, self.eps).to(x.dtype)
         return self._affine(x)
 

@@ -20,7 +20,17 @@ class ExportAware:
 
 @contextlib.contextmanager
 def export_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """Switch every :class:`ExportAware` submodule to its export form for the duration."""
+    """Switch every :class:`ExportAware` submodule to its export form for the duration.
+
+    Enabled, it also swaps in the exact export forms of standard layers that would leave XNNPACK's
+    fast path (padded ``nn.MaxPool2d``, ``nn.GroupNorm``; see :mod:`vizoo.layers.export_swaps`)
+    and puts the originals back on exit.
+    """
+    restore = None
+    if enabled:
+        from .export_swaps import swap_in_export_forms
+
+        restore = swap_in_export_forms(model)
     saved = [(m, m.__dict__.get("exporting")) for m in model.modules() if isinstance(m, ExportAware)]
     try:
         for m, _ in saved:
@@ -32,6 +42,8 @@ def export_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
                 m.__dict__.pop("exporting", None)
             else:
                 m.exporting = old
+        if restore is not None:
+            restore()
 
 
 def has_export_form(model: nn.Module) -> bool:

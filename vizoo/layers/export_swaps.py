@@ -1,0 +1,135 @@
+"""Exact export forms of standard layers whose TFLite lowering leaves XNNPACK's fast path.
+
+:func:`vizoo.layers.export_mode.export_mode` swaps these in for the duration of an export (and of
+the verifier's export-form reference), in any model, and puts the originals back afterwards:
+
+- ``nn.MaxPool2d`` with padding: PyTorch pads with -inf, which converts to PADV2, an op the XNNPACK
+  delegate does not take (ResNet stems: the graph split in two). The export form pads by
+  replicating the edge rows/columns (slices + concatenation, which XNNPACK runs): a padded value
+  then equals a value already inside every window that reaches it, so the maximum is the same, bit
+  for bit (padding <= kernel/2, as PyTorch requires).
+- ``nn.GroupNorm`` on 4-D input: the group statistics by reshape lower to RESHAPE/TRANSPOSE/
+  BROADCAST_TO in an NHWC graph (BROADCAST_TO is outside XNNPACK). The export form takes per-channel
+  spatial means and averages them within groups by a grouped 1×1 conv with constant weights (see
+  :func:`group_mean_rstd`), equal to the eager form up to float32 rounding.
+
+The statistics helpers are shared with the grouped EvoNorms' export form.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .export_mode import ExportAware
+
+__all__ = ["group_mean_rstd", "plus_eps", "MaxPool2dExport", "GroupNormExport", "EXPORT_SWAPS",
+           "swap_in_export_forms"]
+
+
+def plus_eps(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """``t + eps`` for a (B, C, 1, 1) statistic as a depthwise 1×1 conv (weight 1, bias eps).
+
+    Why not an ADD: an int8 file quantizes a scalar 1e-5 with a scale XNNPACK's int8 ADD refuses,
+    so that ADD ran outside the delegate and split full-integer graphs.
+    """
+    c = t.shape[1]
+    weight = torch.ones((c, 1, 1, 1), dtype=t.dtype, device=t.device)
+    return F.conv2d(t, weight, torch.full((c,), eps, dtype=t.dtype, device=t.device), groups=c)
+
+
+def group_mean_rstd(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group mean and 1/sqrt(biased group variance + eps) of a (B, C, H, W) tensor over (C/g, H, W),
+    each (B, C, 1, 1) in float32, with ops XNNPACK runs in one partition (fp32 and int8).
+
+    Two passes, as the eager EvoNorm/GroupNorm: per-channel spatial means, averaged within each
+    group of C/g contiguous channels by a grouped 1×1 conv with constant weights g/C (output channel
+    i is the mean of its group, already broadcast back: no reshape, expand or layout transpose),
+    then the same for the squared deviations, with eps as that conv's bias (see :func:`plus_eps`).
+    """
+    c = x.shape[1]
+    if c % groups:
+        raise ValueError(f"{groups} groups do not divide {c} channels")
+    k = c // groups
+    xf = x.float()
+    weight = torch.full((c, k, 1, 1), 1.0 / k, dtype=xf.dtype, device=xf.device)
+    bias = torch.full((c,), eps, dtype=xf.dtype, device=xf.device)
+    mean = xf.mean(dim=(2, 3), keepdim=True)
+    if k > 1:
+        mean = F.conv2d(mean, weight, groups=groups)
+    dev = xf - mean
+    var = F.conv2d((dev * dev).mean(dim=(2, 3), keepdim=True), weight, bias, groups=groups)
+    return mean, var.rsqrt()
+
+
+class MaxPool2dExport(ExportAware, nn.Module):
+    """``nn.MaxPool2d`` with its padding done by edge replication (exact; see the module docstring)."""
+
+    def __init__(self, pool: nn.MaxPool2d) -> None:
+        super().__init__()
+        self.pool = pool
+
+    @staticmethod
+    def applies(pool: nn.Module) -> bool:
+        """Padded, no dilation, floor mode, no indices: the case this form reproduces exactly."""
+        pad = pool.padding if isinstance(pool.padding, tuple) else (pool.padding, pool.padding)
+        dil = pool.dilation if isinstance(pool.dilation, tuple) else (pool.dilation, pool.dilation)
+        return any(pad) and dil == (1, 1) and not pool.ceil_mode and not pool.return_indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pool
+        if not self.exporting or x.dim() != 4:
+            return p(x)
+        ph, pw = p.padding if isinstance(p.padding, tuple) else (p.padding, p.padding)
+        if ph:
+            x = torch.cat([x[:, :, :1]] * ph + [x] + [x[:, :, -1:]] * ph, dim=2)
+        if pw:
+            x = torch.cat([x[:, :, :, :1]] * pw + [x] + [x[:, :, :, -1:]] * pw, dim=3)
+        return F.max_pool2d(x, p.kernel_size, p.stride, 0)
+
+
+class GroupNormExport(ExportAware, nn.Module):
+    """``nn.GroupNorm`` whose 4-D group statistics use :func:`group_mean_rstd` (shares the original's
+    parameters; the eager form is the original module)."""
+
+    def __init__(self, norm: nn.GroupNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    @staticmethod
+    def applies(norm: nn.Module) -> bool:
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm
+        if not self.exporting or x.dim() != 4:
+            return n(x)
+        mean, rstd = group_mean_rstd(x, n.num_groups, n.eps)
+        y = (x.float() - mean) * rstd
+        if n.affine:
+            y = y * n.weight.float().view(1, -1, 1, 1) + n.bias.float().view(1, -1, 1, 1)
+        return y.to(x.dtype)
+
+
+#: Exact type -> its export form (subclasses, e.g. timm's own pooling layers, are left alone).
+EXPORT_SWAPS: dict[type, type] = {nn.MaxPool2d: MaxPool2dExport, nn.GroupNorm: GroupNormExport}
+
+
+def swap_in_export_forms(model: nn.Module) -> Callable[[], None]:
+    """Replace every layer of :data:`EXPORT_SWAPS` in ``model`` by its export form; returns the
+    function that puts the originals back."""
+    done: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            form = EXPORT_SWAPS.get(type(child))
+            if form is not None and form.applies(child):
+                setattr(parent, name, form(child))
+                done.append((parent, name, child))
+
+    def restore() -> None:
+        for parent, name, child in reversed(done):
+            setattr(parent, name, child)
+
+    return restore
