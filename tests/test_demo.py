@@ -574,7 +574,10 @@ def test_window_shows_the_annotated_frame_under_xvfb(files, tmp_path, xvfb):
     env = {**os.environ, "DISPLAY": display}
     proc = subprocess.Popen([sys.executable, str(REPO / "demos" / "webcam_detect.py"), "--tflite", str(files["det"]),
                              "--source", str(still), "--save", str(saved), "--labels", ",".join(DET_LABELS)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            # a runner in the background (nohup, CI) ignores SIGINT and children inherit
+                            # that: give the demo the default disposition, as a terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline, found = time.monotonic() + 60, None
         while time.monotonic() < deadline and proc.poll() is None:
