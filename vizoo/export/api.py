@@ -222,7 +222,7 @@ def _export_auto(spec: ModelSpec, fmt: ExportFormat, precision: str, key: str, o
             os.replace(aside, final)
         why_slow = (f"no verified int8 mode is faster than the fp32 file here; kept {chosen_mode}, the "
                     f"fastest ({attempt['latency_ratio']:.2f}x fp32). Cause: "
-                    + slow_int8_cause(chosen.details.get("xnnpack")))
+                    + slow_int8_cause(chosen.details.get("xnnpack"), chosen_mode))
     for _, _, moved in slower.values():
         for _, aside in moved:
             aside.unlink(missing_ok=True)
@@ -280,8 +280,9 @@ def _int8_against_fp32(spec: ModelSpec, result: FormatResult, options: dict[str,
             "latency_threads": threads}
 
 
-def slow_int8_cause(info: dict[str, Any] | None) -> str:
-    """Which ops keep an int8 file from beating fp32, from its delegation (``details['xnnpack']``)."""
+def slow_int8_cause(info: dict[str, Any] | None, mode: str | None = None) -> str:
+    """Which ops keep an int8 file (of int8 ``mode``) from beating fp32, from its delegation
+    (``details['xnnpack']``)."""
     from .tflite import WEIGHT_OPS
 
     if not info or "error" in info:
@@ -290,6 +291,11 @@ def slow_int8_cause(info: dict[str, Any] | None) -> str:
         return ("ops outside XNNPACK: " + ", ".join(f"{op}×{k}" for op, k in info["ops_outside"].items())
                 + f" ({info['partitions']} partitions: TFLite's own int8 kernels and a hand-over at "
                   "every split)")
+    if mode == "dynamic":
+        n = sum(info["op_counts"].get(op, 0) for op in ("CONV_2D", "FULLY_CONNECTED"))
+        return (f"one XNNPACK partition; dynamic range quantizes the activations at run time before each "
+                f"of its {n} CONV_2D/FULLY_CONNECTED ops (an extra pass per layer), which costs more than "
+                "the int8 arithmetic saves at this size")
     glue = {op: k for op, k in info["op_counts"].items() if op not in WEIGHT_OPS}
     qdq = glue.get("QUANTIZE", 0) + glue.get("DEQUANTIZE", 0)
     top = ", ".join(f"{op}×{k}" for op, k in glue.items() if op not in ("QUANTIZE", "DEQUANTIZE"))

@@ -92,7 +92,8 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                          "slower than the fp32 file (timed here), trying full, then mixed, then "
                          "dynamic; if every verified one is slower, the fastest, and the report says "
                          "which ops cost (full when verify=False); full: int8 weights and "
-                         "activations in every op but RSQRT (float: XNNPACK has no int8 kernel), "
+                         "activations in every op but RSQRT/SQRT/DIV/MAXIMUM/SOFTMAX (float: XNNPACK has no "
+                         "int8 kernel for them), "
                          "calibrated on a representative dataset (int8 I/O); mixed: the weight layers in int8 "
                          "(calibrated), softmax/norms/other ops float (float I/O); dynamic: int8 "
                          "weights, activations quantized at run time (float I/O, no calibration)",

@@ -173,10 +173,11 @@ MIXED_INT8_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TR
 #: Ops the "full" int8 mode leaves in float (DEQUANTIZE -> op -> QUANTIZE around each): XNNPACK has
 #: no int8 kernel for them, so in int8 each one ran outside the delegate and split the graph
 #: (EvoNorm-S0 MobileNetV2: 35 int8 RSQRTs, 38 partitions, slower than fp32; EvoNorm-B0/B1: SQRT,
-#: DIV, MAXIMUM). A float op between QUANTIZE/DEQUANTIZE stays inside the one XNNPACK partition,
-#: an rsqrt of a variance keeps its precision (an int8 rsqrt of a per-tensor-quantized variance
-#: loses most of it), and a float DIV cannot abort on a divisor that rounds to its zero point.
-FULL_INT8_FLOAT_OPS = ("RSQRT", "SQRT", "DIV", "MAXIMUM")
+#: DIV, MAXIMUM; ULSAM's spatial attention: SOFTMAX). A float op between QUANTIZE/DEQUANTIZE stays
+#: inside the one XNNPACK partition, an rsqrt of a variance keeps its precision (an int8 rsqrt of
+#: a per-tensor-quantized variance loses most of it), and a float DIV cannot abort on a divisor
+#: that rounds to its zero point.
+FULL_INT8_FLOAT_OPS = ("RSQRT", "SQRT", "DIV", "MAXIMUM", "SOFTMAX")
 
 #: Ops whose output tensor is named after a normalisation layer of vizoo (litert-torch names tensors
 #: by module path): the 1×1 convs of the export forms' group statistics (tiny (B, 1, 1, C) tensors).
