@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "vizoo.doctor",
     "vizoo.continual.cli",
     "vizoo.demo.cli",
+    "vizoo.quant.cli",
 )
 
 

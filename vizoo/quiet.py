@@ -34,6 +34,8 @@ HARMLESS_LOG_RECORDS: dict[str, tuple[str, ...]] = {
         r"Saving value type of float64 into a builtin type of fp32",  # constants; files are verified
     ),
     "torch.utils._pytree": (r"is an Enum subclass and is now natively supported",),  # torchao import
+    # diffusers probes torchao's tensor types for checkpoint loading; vizoo never loads torchao files
+    "diffusers.quantizers.torchao.torchao_quantizer": (r"Unable to import `torchao` Tensor objects",),
 }
 
 #: Python warnings known to be harmless: (message pattern, category)

@@ -281,7 +281,10 @@ def resolved_img_size(cfg: TrainConfig, model: nn.Module | None) -> int:
 TASKS: dict[str, type[TaskAdapter]] = {"classification": ClassificationTask}
 #: adapters registered on first use ("module:Class"), so classification never imports their dependencies
 LAZY_TASKS: dict[str, str] = {"detection": "vizoo.engine.detection:DetectionTask",
-                               "continual": "vizoo.engine.continual:ContinualTask"}
+                               "continual": "vizoo.engine.continual:ContinualTask",
+                               "diffusion": "vizoo.engine.diffusion:DiffusionTask",
+                               "quest_te": "vizoo.engine.quest:TimeEmbeddingTask",
+                               "quest_attn": "vizoo.engine.quest:AttentionTask"}
 
 
 def register_task(cls: type[TaskAdapter]) -> type[TaskAdapter]:

@@ -52,3 +52,6 @@ __all__ = [
     # export forms (export_mode.py)
     "ExportAware", "export_mode", "has_export_form",
 ]
+# uniform affine fake-quantizers for QuEST (quantizers.py)
+from .quantizers import AdaRoundQuantizer, UniformQuantizer, affine_params, fake_quant, floor_ste, round_ste
+__all__ += ["UniformQuantizer", "AdaRoundQuantizer", "fake_quant", "round_ste", "floor_ste", "affine_params"]

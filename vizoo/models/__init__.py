@@ -11,6 +11,7 @@ _FAMILIES = (
     "evit",
     "stageinteractor",
     "clr",
+    "diffusion",
 )
 
 for _name in _FAMILIES:
