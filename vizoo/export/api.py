@@ -6,6 +6,7 @@ report (op, module path, fix) and the other formats still export; files land onl
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -18,11 +19,14 @@ from tqdm.auto import tqdm
 from ..io import atomic_path, write_json_atomic
 from ..quiet import third_party_bars_hidden
 from .errors import ConversionError, require
-from .formats import FORMATS, PRECISIONS, ExportFormat, all_options, get_format
+from . import lowbit
+from .formats import FORMATS, LOWBIT_PRECISIONS, PRECISIONS, ExportFormat, all_options, get_format
+from .inputs import model_attr
 from .quantize import check_calibration_data
 from .report import ExportReport, FormatResult, converter_versions, path_size
 from .spec import ModelSpec, resolve_spec
-from .verify import ParityInputs, Unverifiable, labelled_inputs, parity_inputs, verify_functions
+from .verify import (ParityInputs, Unverifiable, labelled_inputs, parity_inputs, tuple_inputs,
+                     verify_functions)
 
 
 def build_model(name: str, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
@@ -69,7 +73,8 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
                  out_dir: str | os.PathLike | None = None, verify: bool = True,
                  calibration_data: Any = None, *, name: str | None = None, batch_size: int = 1,
                  verify_images: int = 64, verify_data: Any = None, latency: bool = True,
-                 threads: int = 2, **options: Any) -> ExportReport:
+                 threads: int = 2, example_inputs: Sequence[torch.Tensor] | None = None,
+                 act_set: int | None = None, **options: Any) -> ExportReport:
     """Export ``model`` to each format at each precision, verify each file, write report.json.
 
     ``model``: an nn.Module (vizoo, timm or your own; plain modules need ``input_size``) or a
@@ -79,8 +84,19 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
     ``calibration_data``: images for int8 (folder, or (N, C, H, W) in [0, 1]), checked before
     any conversion; default the bundled photographs. ``verify_data``: your own images
     (N, C, H, W) in [0, 1], or ``(images, labels)`` to also report each file's accuracy and its
-    delta to PyTorch; default ``verify_images`` bundled photographs. ``options``: format options from :data:`vizoo.export.formats.FORMATS`
+    delta to PyTorch; default ``verify_images`` bundled photographs (models without one image
+    input: inputs drawn from what they mean, e.g. noisy samples and timesteps over the schedule for
+    a diffusion UNet; or a list of input tuples). ``example_inputs``: the tensors of one forward
+    call for models with several inputs, e.g. ``(sample[1, 1, 16, 16], timestep[1])``; they fix the
+    static shapes and the batch. ``options``: format options from :data:`vizoo.export.formats.FORMATS`
     (``layout``, ``int8_mode``, ``coreml_inputs``, ``compress``, ``fp16_mode``).
+
+    A QuEST-quantized UNet (``vizoo.quant.QuantUNet``) also exports at ``"w4a8"`` (CoreML: 4-bit
+    weight codes as Core ML int4 weights, activation scales as quantize/dequantize ops),
+    ``"w8a8"`` (TFLite full integer; CoreML like w4a8) and ``"w4a4"`` (fake-quant float graph),
+    each verified against the fake-quant model (:mod:`vizoo.export.lowbit`); its fp32/fp16/int8
+    files are made from its float model. ``act_set``: which calibrated activation set a native
+    file carries (index into ``calib_timesteps``; default the only set, else the middle one).
     Returns the report (also written to ``out_dir/report.json``).
     """
     fmts = [get_format(f) for f in _as_list(formats)]
@@ -91,7 +107,12 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
     if isinstance(model, str):
         name = name or model
         model = build_model(model)
-    spec = resolve_spec(model, input_size, name=name, batch_size=batch_size)
+    lowbit.check_request(model, precisions, [f.name for f in fmts], act_set)
+    quant = model if lowbit.is_quant_unet(model) else None
+    if quant is not None:  # fp32/fp16/int8 files (and the spec's shapes) come from its float model
+        name = name or model_attr(quant, "vizoo_name") or f"{type(quant.model).__name__}_{quant.cfg.tag}"
+        model = lowbit.float_model(quant)
+    spec = resolve_spec(model, input_size, name=name, batch_size=batch_size, example_inputs=example_inputs)
     check_calibration_data(spec, calibration_data)
     out = Path(out_dir) if out_dir is not None else Path("exports") / spec.stem
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +121,8 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
     if verify:
         if verify_data is None:
             pin = parity_inputs(spec, verify_images)
+        elif not spec.image_input:
+            pin = tuple_inputs(spec, verify_data, verify_images)
         elif isinstance(verify_data, (tuple, list)):
             pin = labelled_inputs(spec, *verify_data)
         else:
@@ -111,11 +134,21 @@ def export_model(model: nn.Module | str, formats: str | Sequence[str] = ("coreml
     for fmt, prec in tqdm(jobs, desc=f"export {spec.name}", disable=len(jobs) < 2):
         opts = fmt.resolve_options({k: v for k, v in options.items() if k in fmt.options})
         auto = _auto_option(prec, opts)
-        if auto:
+        if prec in LOWBIT_PRECISIONS:  # its own graph, judged against the fake-quant model
+            lspec = lowbit.precision_spec(spec, quant, prec, fmt.name, act_set)
+            lref = lspec.cache.get(("references", fmt.name))
+            if pin is not None and lref is None:  # computed as the file computes its float ops (see coreml)
+                forms = getattr(fmt.implementation(), "reference_forms", None)
+                with forms(lspec) if forms else contextlib.nullcontext():
+                    lref = lspec.cache[("references", fmt.name)] = lspec.references(pin.samples)
+            results.append(_export_one(lspec, fmt, prec, opts, out, calibration_data, pin,
+                                       *(lref or (None, None))))
+        elif auto:
             results.append(_export_auto(spec, fmt, prec, auto, opts, out, calibration_data, pin, ref, ref_eager,
                                         threads))
         else:
             results.append(_export_one(spec, fmt, prec, opts, out, calibration_data, pin, ref, ref_eager))
+    _size_ratios(results)
 
     torch_lat = _measure_latency(spec, results, threads) if latency else None
     from .. import __version__
@@ -150,6 +183,8 @@ def _export_one(spec: ModelSpec, fmt: ExportFormat, precision: str, options: dic
         return FormatResult(fmt.name, precision, "failed",
                             f"{fmt.title} {precision} export failed: {type(e).__name__}: {str(e)[:500]}",
                             seconds=time.perf_counter() - t0)
+    if precision in LOWBIT_PRECISIONS:
+        details["lowbit"] = lowbit.lowbit_details(spec, fmt.name, path)
     side = details.pop("sidecar", None)
     if side is not None:
         write_json_atomic(path.with_name(path.name + ".json"), side)
@@ -303,6 +338,15 @@ def slow_int8_cause(info: dict[str, Any] | None, mode: str | None = None) -> str
             f"layers ({top}" + (f"; QUANTIZE/DEQUANTIZE×{qdq} around the ops kept in float" if qdq else "")
             + "): int8 speeds up convolutions and matmuls, while XNNPACK's int8 elementwise kernels "
               "(broadcast MUL/ADD/SUB, MEAN) are no faster than fp32 ones, and slower on small tensors")
+
+
+def _size_ratios(results: list[FormatResult]) -> None:
+    """Each file's size relative to the fp32 file of its format in the same export
+    (``details['size_vs_fp32']``): what a low-bit or compressed file saves."""
+    fp32 = {r.format: r.size_bytes for r in results if r.precision == "fp32" and r.size_bytes}
+    for r in results:
+        if r.precision != "fp32" and r.size_bytes and fp32.get(r.format):
+            r.details["size_vs_fp32"] = round(r.size_bytes / fp32[r.format], 4)
 
 
 def _measure_latency(spec: ModelSpec, results: list[FormatResult], threads: int) -> dict[str, Any]:

@@ -31,12 +31,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
         model = bank_from_files(args.name, args.tasks, args.checkpoint)
     else:
         model = build_model(args.name, checkpoint=args.checkpoint)
+    if args.quant_state:  # a QuEST-quantized UNet: the FP model above + its quantized state
+        from ..quant import QuantUNet
+
+        model = QuantUNet.from_file(model, args.quant_state)
     options = {k: getattr(args, k) for k in all_options() if getattr(args, k) is not None}
     report = export_model(model, formats=args.format, input_size=args.img_size,
                           precision=args.precision, out_dir=args.out, verify=args.verify,
                           calibration_data=args.calibration, name=args.name, batch_size=args.batch,
                           verify_images=args.images, latency=args.latency, threads=args.threads,
-                          **options)
+                          act_set=args.act_set, **options)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.summary())
     failed = [r for r in report.results if r.status == "failed"]
     return 1 if failed else 0
@@ -66,6 +70,13 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--tasks", nargs="+", metavar="FILE",
                    help="continual models (clr_*): task states (save_task / `vizoo continual`) to put in one "
                         "file, a TFLite signature / CoreML function per task")
+    p.add_argument("--quant-state", metavar="FILE",
+                   help="a QuEST-quantized UNet's state (QuantUNet.save_quant_state) on top of NAME/--checkpoint: "
+                        "enables --precision w4a8 (CoreML int4 weights + int8 activation grids), w8a8 "
+                        "(TFLite full integer) and w4a4 (fake-quant float graph)")
+    p.add_argument("--act-set", type=int, default=None,
+                   help="with --quant-state: which calibrated activation set a native low-bit file carries "
+                        "(index into the calibrated timesteps; default the only one, else the middle one)")
     p.add_argument("--format", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS))
     p.add_argument("--img-size", type=parse_img_size, help="N or HxW (default: the model's)")

@@ -23,7 +23,9 @@ import torch
 
 from ..layers.export_mode import export_mode
 from ..quiet import third_party_bars_hidden
+from .coreml_compact import compact_package
 from .errors import diagnose
+from .formats import LOWBIT_PRECISIONS
 from .spec import ImageInput, ModelSpec
 from .verify import RunFunction, Unverifiable
 
@@ -41,12 +43,68 @@ def _exported(spec: ModelSpec, image: bool) -> Any:
     if key not in spec.cache:
         module = ImageInput(spec.module, spec.mean, spec.std).eval() if image else spec.module
         args = (torch.rand(spec.example_inputs[0].shape),) if image else spec.example_inputs
-        with export_mode(spec.model):
+        with export_mode(spec.model), _coreml_group_norm(spec.model):
             try:
                 spec.cache[key] = torch.export.export(module, args).run_decompositions({})
             except Exception as e:  # noqa: BLE001
                 raise diagnose(e, "coreml", spec.module, spec.example_inputs) from e
     return spec.cache[key]
+
+
+class GroupNormAsLayerNorm(torch.nn.Module):
+    """``nn.GroupNorm`` as one MIL ``layer_norm`` over each group (reshape, layer_norm, per-channel
+    scale and shift, reshape): the same statistics (biased variance, eps) in 5 ops where
+    coremltools' own GroupNorm lowering takes 14 and the exporter's XNNPACK form (grouped 1x1
+    convs, for TFLite) more, with constant conv weights. Why it matters: beside 4-bit weights
+    the program description is a large part of a package (the QuEST UNet: 30 GroupNorms)."""
+
+    def __init__(self, norm: torch.nn.GroupNorm):
+        super().__init__()
+        # the norm's own parameters, not the norm as a child (export_mode would swap it again)
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, g = x.shape[0], x.shape[1], self.num_groups
+        y = torch.nn.functional.layer_norm(x.reshape(b, g, c // g, -1), (c // g, x[0, 0].numel()), eps=self.eps)
+        if self.weight is not None:  # per channel on (B, G, C/G, HW): a (1, C, 1, 1) mul + add would be
+            # turned into a batch_norm by coremltools, storing zero means and unit variances beside it
+            y = y * self.weight.view(g, c // g, 1) + self.bias.view(g, c // g, 1)
+        return y.reshape(x.shape)
+
+
+@contextlib.contextmanager
+def _coreml_group_norm(model: torch.nn.Module) -> Iterator[None]:
+    """Every GroupNorm (or its XNNPACK export form) of ``model`` as :class:`GroupNormAsLayerNorm`
+    while the program is captured; the originals are put back after."""
+    from ..layers.export_swaps import GroupNormExport
+
+    done = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            norm = child.norm if isinstance(child, GroupNormExport) else child
+            if type(norm) is torch.nn.GroupNorm:
+                setattr(parent, name, GroupNormAsLayerNorm(norm))
+                done.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in reversed(done):
+            setattr(parent, name, child)
+
+
+def reference_forms(spec: ModelSpec) -> Any:
+    """The float ops a quantized file's reference computes as this format's file does (GroupNorm
+    as one layer_norm per group): the fake-quant model then differs from the file only where float32
+    rounding differs, not by a GroupNorm formula, so fewer activations land on the other side of a
+    rounding boundary. Same quantization, same numbers up to float32 rounding."""
+    return _coreml_group_norm(spec.model)
+
+
+#: coremltools graph passes left out of low-bit conversions because they change float arithmetic
+#: that decides rounding: ``divide_to_multiply`` turns x / Δ into x · (1/Δ), which differs in the last
+#: bit for some x, and an activation on a grid boundary then rounds to the other neighbour.
+QUANT_EXACT_PASSES = ("common::divide_to_multiply",)
 
 
 #: Deployment targets, oldest first. An ML Program needs iOS 15 / macOS 12; weight compression
@@ -110,21 +168,28 @@ def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any, fp16
         else:
             kwargs["outputs"] = [ct.TensorType(name=n, dtype=np.float32) for n in spec.output_names]
     else:
-        inputs = [ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32)
+        inputs = [ct.TensorType(name=n, shape=tuple(x.shape),
+                                dtype=np.float32 if x.is_floating_point() else np.int32)
                   for n, x in zip(spec.input_names, spec.example_inputs)]
         kwargs["outputs"] = [ct.TensorType(name=n, dtype=np.float32) for n in spec.output_names]
     kwargs.update(inputs=inputs, minimum_deployment_target=target, compute_precision=compute,
                   convert_to="mlprogram")
+    exact = spec.cache.get("coreml_exact_passes_off", [])
+    if exact:  # a quantized graph: keep its arithmetic as the model does it (QUANT_EXACT_PASSES)
+        pipeline = ct.PassPipeline.DEFAULT
+        pipeline.remove_passes(exact)
+        kwargs["pass_pipeline"] = pipeline
     try:
-        with third_party_bars_hidden():
+        with third_party_bars_hidden(), _small_floats_inline(spec.cache.get("coreml_package") == "compact"):
             return ct.convert(ep, **kwargs)
     except Exception as e:  # noqa: BLE001
         skip = _known_pass_failure(e)
         if skip:
             pipeline = ct.PassPipeline.DEFAULT
-            pipeline.remove_passes([skip])
+            pipeline.remove_passes([skip, *exact])
+            kwargs.pop("pass_pipeline", None)
             try:
-                with third_party_bars_hidden():
+                with third_party_bars_hidden(), _small_floats_inline(spec.cache.get("coreml_package") == "compact"):
                     mlmodel = ct.convert(ep, pass_pipeline=pipeline, **kwargs)
             except Exception:  # noqa: BLE001 - report the original error below
                 pass
@@ -135,6 +200,35 @@ def _convert_one(spec: ModelSpec, image: bool, precision: str, target: Any, fp16
             raise
         with export_mode(spec.model):
             raise diagnose(e, "coreml", spec.module, spec.example_inputs, _convert_module) from e
+
+
+#: compact packages keep float constants below this many elements (1 KB) in the program description
+#: instead of the weight file: each weight-file entry costs a 64-byte header plus alignment padding,
+#: as much as a bias or a per-channel scale itself (the QuEST UNet: about 200 such tensors)
+INLINE_FLOAT_ELEMENTS = 256
+
+
+@contextlib.contextmanager
+def _small_floats_inline(enabled: bool) -> Iterator[None]:
+    """While coremltools serializes, float constants under :data:`INLINE_FLOAT_ELEMENTS` are written
+    as immediate values (coremltools puts every constant of 10 or more elements in the weight file)."""
+    if not enabled:
+        yield
+        return
+    from coremltools.converters.mil.backend.mil import load as mil_load
+
+    original = mil_load.should_use_weight_file
+
+    def use_file(val: Any, *args: Any, **kwargs: Any) -> bool:
+        small_float = (isinstance(val, (np.ndarray, np.generic)) and val.dtype in (np.float32, np.float16)
+                       and val.size < INLINE_FLOAT_ELEMENTS)
+        return False if small_float else original(val, *args, **kwargs)
+
+    mil_load.should_use_weight_file = use_file
+    try:
+        yield
+    finally:
+        mil_load.should_use_weight_file = original
 
 
 def _known_pass_failure(error: Exception) -> str | None:
@@ -199,7 +293,13 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
     compress = options["compress"]
     if precision == "int8" and compress == "none":
         compress = "linear8"
-    fp16_mode = "fp32" if precision == "fp32" else options.get("fp16_mode", "all")
+    spec.cache["coreml_package"] = options.get("package", "compact")
+    plan = spec.cache["lowbit"]["plan"] if precision in LOWBIT_PRECISIONS else None
+    if plan is not None:  # the graph carries its own integer weights and activation grids
+        compress = "none"
+        spec.cache["coreml_exact_passes_off"] = list(QUANT_EXACT_PASSES)
+    fp16_mode = "fp32" if precision == "fp32" or plan is not None else options.get("fp16_mode", "all")
+    compute = "fp32" if plan is not None else precision
     names = {"both": (IMAGE_FUNCTION, TENSOR_FUNCTION), "image": ("main",), "tensor": ("main",)}[mode]
     kinds = {"both": (True, False), "image": (True,), "tensor": (False,)}[mode]
     specs = [spec] * len(names)
@@ -209,22 +309,23 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
                              "choose 'image' or 'tensor'")
         names, specs = tuple(spec.functions), list(spec.functions.values())
         kinds = (mode == "image",) * len(names)
-    ladder = ("iOS18",) if len(names) > 1 else deployment_targets(mode, compress)
+    ladder = ("iOS18",) if len(names) > 1 or (plan and plan.kind == "native") else deployment_targets(mode, compress)
     tried: list[str] = []
     for i, target_name in enumerate(ladder):
         target = getattr(ct.target, target_name)
         last = i == len(ladder) - 1
         try:
-            functions = {n: _convert_one(fspec, image, precision, target, fp16_mode, explain_failure=last)
+            functions = {n: _convert_one(fspec, image, compute, target, fp16_mode, explain_failure=last)
                          for n, image, fspec in zip(names, kinds, specs)}
             break
         except Exception as e:  # noqa: BLE001 - a lower target lacks an op: try the next one
             if last:
                 raise
             tried.append(f"{target_name}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-    with third_party_bars_hidden():
+    compact = options.get("package", "compact") == "compact"
+    with third_party_bars_hidden(), _small_floats_inline(compact):  # compression and merging re-serialize
         functions = {k: _compress(m, compress, spec) for k, m in functions.items()}
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".coreml-") as scratch:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".coreml-") as scratch, _small_floats_inline(compact):
         if len(functions) == 1:
             mlmodel = next(iter(functions.values()))
         else:
@@ -240,6 +341,7 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
         _set_metadata(mlmodel, spec, precision, mode, compress, fp16_mode)
         out = Path(scratch) / "final.mlpackage"
         mlmodel.save(str(out))
+        package = compact_package(out) if compact else {}
         out.rename(path)
     image_fns = {IMAGE_FUNCTION} if mode == "both" else set(names) if mode == "image" else set()
     return {"functions": {name: "image" if name in image_fns else "tensor" for name in functions},
@@ -249,9 +351,35 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
             "minimum_macos": MACOS_OF_IOS[target_name],
             "lower_targets_refused": tried,
             "skipped_graph_passes": spec.cache.get("coreml_skipped_passes", []),
+            "package": {"form": options.get("package", "compact"), **package},
             # compressed weights are judged with the int8 bounds, whatever the compute precision
-            "judged_as": "int8" if compress != "none" else precision,
+            "judged_as": plan.judged_as if plan else "int8" if compress != "none" else precision,
+            **({"weight_storage": weight_storage(path)} if plan and plan.weights == "codes" else {}),
             "input_layout": "NCHW (tensor function); image (ImageType) for the image function"}
+
+
+def weight_storage(path: str | Path) -> dict[str, Any]:
+    """How a package stores its weights: the constexpr ops by data type, and the bytes of weights
+    held as integer codes vs float constants (what a low-bit file's size comes from)."""
+    from coremltools.converters.mil.mil import types
+
+    from . import mil
+
+    counts: dict[str, int] = {}
+    code_bytes = float_bytes = 0.0
+    for op in mil.load_program(path).function.operations:
+        if op.op_type == "constexpr_blockwise_shift_scale":
+            data = op.inputs["data"]
+            kind = types.builtin_to_string(data.dtype)
+            counts[kind] = counts.get(kind, 0) + 1
+            bits = int("".join(ch for ch in kind if ch.isdigit()) or 8)
+            code_bytes += np.prod(data.shape) * bits / 8
+        elif op.op_type == "const":
+            val = op.outputs[0].val
+            if isinstance(val, np.ndarray) and val.dtype.kind == "f" and val.size >= 16:
+                float_bytes += val.nbytes
+    return {"constexpr_blockwise_shift_scale": counts, "code_bytes": int(code_bytes),
+            "float_const_bytes": int(float_bytes)}
 
 
 def _set_metadata(mlmodel: Any, spec: ModelSpec, precision: str, mode: str, compress: str,
@@ -309,8 +437,8 @@ def _feature_inputs(desc: Any, sample: tuple[torch.Tensor, ...]) -> tuple[dict[s
             pixels = (x[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             feeds[feature.name] = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels,
                                                   mode="L" if pixels.shape[-1] == 1 else "RGB")
-        else:
-            feeds[feature.name] = x.numpy().astype(np.float32)
+        else:  # integer inputs (a timestep, class labels) stay integers: Core ML's int32
+            feeds[feature.name] = x.numpy().astype(np.float32 if x.is_floating_point() else np.int32)
     return feeds, kind
 
 

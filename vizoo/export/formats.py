@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-PRECISIONS = ("fp32", "fp16", "int8")
+#: low-bit files of a QuEST-quantized UNet (``vizoo.quant.QuantUNet``, see :mod:`vizoo.export.lowbit`)
+LOWBIT_PRECISIONS = ("w4a8", "w8a8", "w4a4")
+PRECISIONS = ("fp32", "fp16", "int8") + LOWBIT_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,12 @@ class ExportFormat:
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
     ExportFormat(
-        name="coreml", title="CoreML", suffix=".mlpackage", precisions=PRECISIONS,
+        name="coreml", title="CoreML", suffix=".mlpackage", precisions=PRECISIONS,  # w4a8/w8a8 native, w4a4 fake-quant
         options={
             "coreml_inputs": ("image", "both", "tensor"),
             "compress": ("none", "linear8", "linear4", "palettize4"),
             "fp16_mode": ("auto", "all", "mixed"),
+            "package": ("compact", "full"),
         },
         option_help={
             "coreml_inputs": "image: one function 'main' taking a camera image (ct.ImageType, "
@@ -74,6 +77,11 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                          "conv/linear/matmul in fp16, the other ops (norms, softmax, residual adds) "
                          "in fp32; auto: all, else mixed when all misses the bounds (without "
                          "verification auto keeps all)",
+            "package": "compact: identical constants merged, float constants under 256 elements kept in "
+                       "the program (not the weight file, where each costs a 64-byte header), internal values "
+                       "renamed to short ids and coremltools' ExecuTorch debug map dropped (the same program, "
+                       "op for op; what matters beside 4-bit weights); full: as coremltools writes it "
+                       "(readable value names)",
         },
         requires=("coremltools",),
         runtime="vizoo.export.mil (NumPy MIL executor; MLModel.predict on macOS)",
@@ -81,7 +89,8 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
         versions_of=("coremltools",),
     ),
     ExportFormat(
-        name="tflite", title="TFLite", suffix=".tflite", precisions=PRECISIONS,
+        name="tflite", title="TFLite", suffix=".tflite",
+        precisions=("fp32", "fp16", "int8", "w8a8", "w4a4"),  # w8a8 full integer, w4a4 fake-quant
         options={
             "layout": ("nhwc", "nchw"),
             "int8_mode": ("auto", "full", "mixed", "dynamic"),

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.bundled import PHOTO_NAMES, normalize, photo_images
+from .inputs import draw_inputs
 from .spec import ModelSpec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -120,16 +121,41 @@ def calibration_samples(spec: ModelSpec, calibration_data: Any = None,
         groups = [x[i:i + b] for i in range(0, len(x) - b + 1, b)]
         extra = spec.example_inputs[1:]
         return [(g.contiguous(), *extra) for g in groups]
-    if calibration_data is None:
-        out = []
-        for i in range(min(n, 32)):
-            torch.manual_seed(10_000 + i)
-            out.append(tuple(spec.model.example_inputs(batch_size=b, input_size=spec.input_size)))
-        return out
+    if calibration_data is None:  # seeds apart from the parity draws: never judged on its calibration
+        return draw_inputs(spec.model, spec.example_inputs, min(n, 32), 10_000, b, spec.input_size,
+                           hook=not spec.explicit_inputs)[0]
+    if hasattr(calibration_data, "x") and hasattr(calibration_data, "t"):
+        return calibration_set_samples(calibration_data, b, n, like=spec.example_inputs)
     samples = [tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in calibration_data]
     if not samples:
         raise ValueError("calibration_data is empty")
     return samples
+
+
+def calibration_set_samples(calib: Any, batch_size: int = 1, n: int = 64,
+                            like: Sequence[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """A diffusion calibration set (``x: [S, N, ...]`` inputs recorded along the FP sampler's
+    trajectory at timesteps ``t: [S]``, optional ``class_labels: [S, N]``) as ``n`` input tuples,
+    taken evenly over its steps and samples: what the quantized model was calibrated on. ``like``:
+    the exported example inputs, whose dtypes the tuples take."""
+    x, t = torch.as_tensor(calib.x), torch.as_tensor(calib.t)
+    labels = getattr(calib, "class_labels", None)
+    steps, per = x.shape[0], x.shape[1] // batch_size
+    if steps == 0 or per == 0:
+        raise ValueError(f"the calibration set holds {tuple(x.shape[:2])} (steps, samples): fewer samples "
+                         f"than the batch size {batch_size}")
+    out = []
+    for i in range(min(n, steps * per)):
+        s, j = i % steps, (i // steps) % per
+        rows = slice(j * batch_size, (j + 1) * batch_size)
+        sample: tuple[torch.Tensor, ...] = (x[s, rows].float().contiguous(),
+                                            torch.full((batch_size,), int(t[s]), dtype=torch.long))
+        if labels is not None:
+            sample += (torch.as_tensor(labels)[s, rows].long().contiguous(),)
+        if like is not None:
+            sample = tuple(v.to(e.dtype) for v, e in zip(sample, like))
+        out.append(sample)
+    return out
 
 
 # --- TFLite: fp16 / int8 from the fp32 flatbuffer (ai-edge-quantizer) -------------------------
@@ -196,7 +222,7 @@ STATIC_INT8_METHODS = {
 }
 
 
-def _static_int8_recipe(mode: str) -> Any:
+def _static_int8_recipe(mode: str, float_scopes: Sequence[str] = (), float_ops: Sequence[str] = ()) -> Any:
     from ai_edge_quantizer import qtyping, recipe_manager
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
@@ -206,8 +232,11 @@ def _static_int8_recipe(mode: str) -> Any:
     if mode == "full":  # = recipe.static_wi8_ai8(), with FULL_INT8_FLOAT_OPS left in float
         manager.add_static_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                                   activation_num_bits=8, weight_num_bits=8)
-        for op in FULL_INT8_FLOAT_OPS:
+        for op in (*FULL_INT8_FLOAT_OPS, *float_ops):
             manager.add_quantization_config(regex=".*", operation_name=qtyping.TFLOperationName[op],
+                                            algorithm_key=AlgorithmName.NO_QUANTIZE)
+        for scope in float_scopes:  # later rules win: these ops stay float
+            manager.add_quantization_config(regex=scope, operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                                             algorithm_key=AlgorithmName.NO_QUANTIZE)
         return manager.get_quantization_recipe()
     for op in MIXED_INT8_OPS:
@@ -221,18 +250,21 @@ def _static_int8_recipe(mode: str) -> Any:
 
 def tflite_int8_static(fp32: bytes, calibration: Sequence[dict[str, np.ndarray]], mode: str = "full",
                        signature: str = "serving_default", threads: int = 2,
-                       ranges: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
+                       ranges: dict[str, Any] | None = None, float_scopes: Sequence[str] = (),
+                       float_ops: Sequence[str] = ()) -> tuple[bytes, dict[str, Any]]:
     """int8 file of ``mode`` ("full" or "mixed") and the activation ranges it was made from.
 
     ``ranges``: the result of an earlier calibration of the same fp32 file (every tensor's range
-    is kept, so one calibration serves both modes); calibrated here when None.
+    is kept, so one calibration serves both modes); calibrated here when None. ``float_scopes``:
+    regexes of tensor names whose ops stay float in "full" (a diffusion UNet's timestep path);
+    ``float_ops``: op types that stay float in "full" besides :data:`FULL_INT8_FLOAT_OPS`.
     """
     from ai_edge_quantizer import quantizer
 
     if ranges is None:  # calibrated under the full recipe: ranges for every tensor either mode needs
         full = quantizer.Quantizer(bytearray(fp32), _static_int8_recipe("full"))
         ranges = full.calibrate({signature: list(calibration)}, num_threads=threads)
-    q = quantizer.Quantizer(bytearray(fp32), _static_int8_recipe(mode))
+    q = quantizer.Quantizer(bytearray(fp32), _static_int8_recipe(mode, float_scopes, float_ops))
     return bytes(q.quantize(ranges, enable_progress_report=False).quantized_model), ranges
 
 

@@ -49,6 +49,9 @@ class FormatResult:
         if self.status == "failed" or self.status == "unverified":
             return f"{head} {self.reason}"
         size = f"{self.size_bytes / 1e6:.2f} MB" if self.size_bytes else ""
+        if size and self.details.get("size_vs_fp32"):
+            ratio = self.details["size_vs_fp32"]
+            size += f" ({ratio:.3g}x fp32 = 1/{1 / ratio:.1f})"
         parts = [size]
         for name, fn in self.verification.get("functions", {}).items():
             p = fn["parity"]
@@ -63,6 +66,24 @@ class FormatResult:
             from .tflite import describe_delegation
 
             parts.append(describe_delegation(self.details["xnnpack"]))
+        low = self.details.get("lowbit")
+        if low:  # what a low-bit file holds and that its weights are QuEST's
+            text = {"native": "native", "fakequant": "fake-quant float graph"}[low["kind"]]
+            lossless = low.get("weights_lossless")
+            if lossless:
+                text += (f", int weights {lossless['bit_identical']}/{lossless['layers']} layers bit-identical to "
+                         "QuEST's")
+            grids = low.get("activation_grids")
+            if grids:
+                text += f", {grids['carried']}/{grids['quantizers']} activation grids carried"
+            sets = low["activation_set"]
+            if sets["num_sets"] == 1:
+                text += ", the model's single activation set"
+            elif sets["index"] is None:
+                text += f", all {sets['num_sets']} activation sets (chosen from the timestep)"
+            else:
+                text += f", activation set of timestep {sets['timestep']} (1 of {sets['num_sets']})"
+            parts.append(text)
         for key in ("int8_mode", "fp16_mode"):  # which mode auto kept, and why the others were left
             if self.details.get(key):
                 parts.append(f"{key.split('_')[0]} {self.details[key]}" + (f" ({self.reason})" if self.reason else ""))

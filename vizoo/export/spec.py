@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..layers.export_mode import ExportAware, export_mode
 from .errors import ExportError, InputSizeError
+from .inputs import is_diffusion
 
 
 class ForwardExport(nn.Module):
@@ -71,6 +72,15 @@ class ModelSpec:
     #: several entry points in one file (a continual model's tasks): name -> that function's spec;
     #: the fields above are the first function's. Empty: one function.
     functions: dict[str, "ModelSpec"] = field(default_factory=dict)
+    #: "diffusion" for a denoising model (sample, timestep[, class_labels]): verified on noisy
+    #: samples over the whole schedule, not photographs (``vizoo.export.inputs``)
+    task: str | None = None
+    #: the inputs were given to ``export_model(example_inputs=...)``: parity draws resemble them
+    #: instead of calling the model's ``example_inputs`` hook
+    explicit_inputs: bool = False
+    #: what verification compares a file with when that is not ``module`` itself (a quantized
+    #: file is judged against the fake-quant model; ``module`` is the graph that was converted)
+    reference_module: nn.Module | None = field(default=None, repr=False)
 
     @property
     def stem(self) -> str:
@@ -100,13 +110,20 @@ class ModelSpec:
         False runs the model exactly as in training/eval code.
         """
         outs: list[list[np.ndarray]] = [[] for _ in self.output_names]
+        module = self.reference_module if self.reference_module is not None else self.module
+        # a diffusion model's samples have one timestep each (a quantized UNet picks its
+        # activation set per call): one call per sample
+        one_at_a_time = self.task == "diffusion"
         with export_mode(self.model, enabled=export_form):
-            try:
-                batches = [self.module(*(torch.cat([s[k] for s in samples[i:i + chunk]])
-                                         for k in range(len(samples[0]))))
-                           for i in range(0, len(samples), chunk)]
-            except Exception:  # noqa: BLE001 - a layer tied to the exported batch: one at a time
-                batches = [self.module(*s) for s in samples]
+            if not one_at_a_time:
+                try:
+                    batches = [module(*(torch.cat([s[k] for s in samples[i:i + chunk]])
+                                        for k in range(len(samples[0]))))
+                               for i in range(0, len(samples), chunk)]
+                except Exception:  # noqa: BLE001 - a layer tied to the exported batch: one at a time
+                    one_at_a_time = True
+            if one_at_a_time:
+                batches = [module(*s) for s in samples]
         for out in batches:
             for k, y in enumerate(flatten_outputs(out)):
                 outs[k].append(y.detach().float().numpy())
@@ -207,27 +224,83 @@ def _first_conv_in_chans(model: nn.Module) -> int | None:
     return None
 
 
+def _check_example_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` as a tuple of tensors sharing one batch size, or a one-line error."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    try:
+        inputs = tuple(example_inputs)
+    except TypeError:
+        inputs = ()
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise InputSizeError("example_inputs must be a tuple of tensors, one per forward argument, "
+                             "e.g. (torch.randn(1, 1, 16, 16), torch.tensor([500]))")
+    if any(x.dim() == 0 for x in inputs):
+        raise InputSizeError("example_inputs must have a batch dimension (a timestep is shape [B], "
+                             "not a scalar): exported files have static shapes")
+    batches = {int(x.shape[0]) for x in inputs}
+    if len(batches) != 1:
+        raise InputSizeError(f"example_inputs disagree on the batch size (first dims "
+                             f"{[int(x.shape[0]) for x in inputs]}); give every input the same batch")
+    return tuple(x.detach().contiguous() for x in inputs)
+
+
+def _forward_arg_names(model: nn.Module, n: int) -> list[str] | None:
+    """The first ``n`` parameter names of ``model.forward`` (``sample``, ``timestep``): the names
+    a file's inputs get when they are not one image."""
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in params[:n]]
+    ok = len(names) == n and len(set(names)) == n and all(re.fullmatch(r"[A-Za-z_]\w*", v) for v in names)
+    return names if ok else None
+
+
 def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = None,
-                 batch_size: int = 1) -> ModelSpec:
+                 batch_size: int = 1, example_inputs: Sequence[torch.Tensor] | None = None) -> ModelSpec:
     """Resolve shapes, preprocessing and labels, and check the input size by running the model.
 
     ``input_size``: int, (H, W), (C, H, W) or (B, C, H, W) (B then sets ``batch_size``).
+    ``example_inputs``: the tensors of one forward call, for models with several inputs (a
+    diffusion UNet's sample and timestep); they fix the shapes (batch = their first dim) and take
+    precedence over the model's ``example_inputs`` hook.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module or a registered model name, got {type(model).__name__}")
     if hasattr(model, "export_functions"):
+        if example_inputs is not None:
+            raise ExportError("example_inputs cannot be given for a model with several functions "
+                              "(export_functions): each function resolves its own inputs")
         return _resolve_functions(model, input_size, name, batch_size)
+    explicit = example_inputs is not None
+    if explicit:
+        given = _check_example_inputs(example_inputs)
+        if batch_size not in (1, int(given[0].shape[0])):
+            raise InputSizeError(f"batch_size={batch_size} but example_inputs have batch "
+                                 f"{int(given[0].shape[0])}: the example inputs fix the batch")
+        batch_size = int(given[0].shape[0])
+        if input_size is None and given[0].dim() == 4:
+            input_size = tuple(given[0].shape[1:])
     input_size, batch_size = split_batch(input_size, batch_size)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputSizeError(f"batch_size must be a positive int, got {batch_size!r}")
     model.eval()
     cfg = _cfg_dict(model)
+    if explicit and input_size is None and not cfg.get("input_size"):
+        # (C, H, W) describes an image input; inputs that are not images get a placeholder
+        input_size = tuple(given[0].shape[1:]) if given[0].dim() == 4 else (1, 8, 8)
     size = _normalize_input_size(input_size, cfg.get("input_size"))
-    has_custom_inputs = hasattr(model, "example_inputs")
-    if size[1] < 8 or size[2] < 8:
+    has_custom_inputs = hasattr(model, "example_inputs") or explicit
+    if not explicit and (size[1] < 8 or size[2] < 8):
         raise InputSizeError(f"input size {size} is too small to export (minimum 8x8)")
 
-    if has_custom_inputs:
+    if explicit:
+        inputs = given
+    elif has_custom_inputs:
         inputs = tuple(model.example_inputs(batch_size=batch_size, input_size=size))
     else:
         inputs = (torch.rand(batch_size, *size),)
@@ -251,8 +324,9 @@ def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = No
             "its default input_size.") from e
     outs = flatten_outputs(out)
 
+    task = "diffusion" if is_diffusion(model) else None
     image_input = (inputs[0].dim() == 4 and tuple(inputs[0].shape[1:]) == size
-                   and inputs[0].is_floating_point())
+                   and inputs[0].is_floating_point() and task is None)
     mean = tuple(float(v) for v in cfg.get("mean") or ())
     std = tuple(float(v) for v in cfg.get("std") or ())
     if image_input:
@@ -274,7 +348,7 @@ def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = No
         name=name or getattr(model, "vizoo_name", None) or cfg.get("architecture")
         or type(model).__name__,
         model=model, module=module, example_inputs=inputs,
-        input_names=(["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]),
+        input_names=_input_names(model, inputs, named=explicit or task is not None),
         output_names=_output_names(out, classifier, detector),
         output_shapes=[tuple(o.shape) for o in outs],
         input_size=size, batch_size=batch_size, image_input=image_input, mean=mean, std=std,
@@ -284,8 +358,17 @@ def resolve_spec(model: nn.Module, input_size: Any = None, name: str | None = No
         cfg={k: cfg[k] for k in ("architecture", "tag", "input_size", "mean", "std", "interpolation",
                                  "crop_pct", "num_classes", "paper", "paper_url") if k in cfg},
         export_aware=[n or "<root>" for n, m in model.named_modules() if isinstance(m, ExportAware)],
-        detector=detector,
+        detector=detector, task=task, explicit_inputs=explicit,
     )
+
+
+def _input_names(model: nn.Module, inputs: Sequence[torch.Tensor], named: bool) -> list[str]:
+    """``input`` / ``input_<i>``; the forward's argument names (``sample``, ``timestep``) for models
+    given explicit inputs or whose inputs are not an image, so an app can tell them apart."""
+    names = _forward_arg_names(model, len(inputs)) if named else None
+    if names:
+        return names
+    return ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
 
 
 def _resolve_functions(model: nn.Module, input_size: Any, name: str | None, batch_size: int) -> ModelSpec:

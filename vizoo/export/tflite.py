@@ -19,6 +19,7 @@ from ..layers.export_mode import export_mode
 from ..quiet import native_stderr_filtered
 from . import quantize
 from .errors import ConversionError, MissingDependencyError, diagnose
+from .formats import LOWBIT_PRECISIONS
 from .spec import ModelSpec
 from .verify import RunFunction
 
@@ -86,7 +87,12 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
                                lambda m, a: litert_torch.convert(m.eval(), a)) from e
         data = spec.cache[key]
         quant: dict[str, Any] = {}
-        if precision == "fp16":
+        if precision == "w4a4":
+            quant = {"method": "fake-quant float graph: QuEST's dequantized 4-bit weights as float constants, "
+                               "activations rounded on the model's grids by float ops (no 4-bit kernels exist)"}
+        elif precision == "w8a8":
+            data, quant = _full_integer_lowbit(spec, data, calibration_data, nhwc)
+        elif precision == "fp16":
             data = quantize.tflite_fp16(data)
             quant = {"method": "ai-edge-quantizer FLOAT_CASTING: fp16 weights, fp32 compute"}
         elif precision == "int8" and options["int8_mode"] == "dynamic":
@@ -118,8 +124,62 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
     meta = sidecar(spec, precision, io, nhwc, quant)
     data = embed_metadata(data, meta)
     path.write_bytes(data)
-    return {"input_layout": "NHWC" if nhwc else "NCHW", "io": io, "quantization": quant,
-            "xnnpack": xnnpack_delegation(data), "sidecar": meta}
+    out = {"input_layout": "NHWC" if nhwc else "NCHW", "io": io, "quantization": quant,
+           "xnnpack": xnnpack_delegation(data), "sidecar": meta}
+    if precision in LOWBIT_PRECISIONS:
+        out["judged_as"] = spec.cache["lowbit"]["plan"].judged_as
+    return out
+
+
+#: Tensors of a diffusion UNet's timestep path that full-integer files keep float (litert-torch
+#: names tensors by module path): the timestep input and its sinusoidal embedding. In int8 the
+#: timestep (0..999) would be rounded to steps of about 4, which moves the embedding's high
+#: frequencies entirely; the embedding is quantized where the model quantizes it, at the input
+#: of ``time_embedding.linear_1``.
+TIMESTEP_FLOAT_SCOPES = (r".*Timesteps_time_proj.*",)
+
+#: A diffusion UNet's full-integer file takes and returns float32 (int8 inside, a QUANTIZE at the
+#: start and a DEQUANTIZE at the end): ai-edge-quantizer quantizes all graph inputs or none, and
+#: an int8 timestep would be rounded to steps of about 4 (see TIMESTEP_FLOAT_SCOPES); a sampler
+#: works in float anyway.
+#: Ops a diffusion UNet's full-integer file keeps float: the attention matmuls (XNNPACK runs no
+#: int8 BATCH_MATMUL of two activations: each one ran outside the delegate and split the graph)
+#: and the attention's GroupNorm over tokens (a 3-D GroupNorm whose int8 eps ADD and broadcast ADD
+#: XNNPACK refuses). Measured on the QuEST UNet: see benchmarks/quest_export.py.
+DIFFUSION_FLOAT_OPS = ("BATCH_MATMUL",)
+DIFFUSION_FLOAT_SCOPES = (r".*attention_processor\.Attention\w*/vizoo\.layers\.export_swaps\.GroupNormExport.*",)
+
+
+def _full_integer_lowbit(spec: ModelSpec, data: bytes, calibration_data: Any, nhwc: bool
+                         ) -> tuple[bytes, dict[str, Any]]:
+    """W8A8 full-integer file of a QuantUNet's float graph (QuEST's dequantized 8-bit weights).
+
+    ai-edge-quantizer quantizes the weights again (symmetric per channel: TFLite's int8 kernels
+    take no weight zero point, so QuEST's asymmetric grid cannot be carried exactly; on weights
+    already on an 8-bit grid the change is below half a step) and calibrates every activation
+    tensor on the calibration inputs (QuEST's calibration set when given): TFLite quantizes every
+    tensor, not only layer inputs, so QuEST's input scales alone do not define the file.
+    """
+    samples = quantize.calibration_samples(spec, calibration_data)
+    names = _signature_inputs(data)
+    calib = quantize.as_signature_inputs(samples, names, lambda i, x: (_to_nhwc(x) if nhwc and i == 0 else x).numpy())
+    diffusion = spec.task == "diffusion"
+    scopes = TIMESTEP_FLOAT_SCOPES + DIFFUSION_FLOAT_SCOPES if diffusion else ()
+    float_ops = DIFFUSION_FLOAT_OPS if diffusion else ()
+    float_io = ("INPUT", "OUTPUT") if diffusion else ()
+    data, _ = quantize.tflite_int8_static(data, calib, "full", float_scopes=scopes,
+                                          float_ops=float_ops + float_io)
+    source = ("the calibration set you gave" if hasattr(calibration_data, "t") else "your inputs"
+              if calibration_data is not None
+              else "drawn diffusion inputs (x_t ~ N(0, 1), timesteps over the schedule)")
+    method = quantize.STATIC_INT8_METHODS["full"]
+    if diffusion:
+        method = (method.replace(", int8 I/O", "") + ", and the attention matmuls and the timestep embedding; "
+                  "float32 I/O (int8 inside: the timestep must not be rounded to int8)")
+    return data, {"method": method + "; weights: QuEST's dequantized 8-bit weights re-quantized symmetric per "
+                            "channel; activations: calibrated here, not QuEST's scales",
+                  "int8_mode": "full", "calibration_samples": len(samples), "calibration_data": source,
+                  "float_scopes": list(scopes), "float_ops": list(float_ops)}
 
 
 #: Ops that do arithmetic with weights (the work int8 speeds up); the others are "glue" for
