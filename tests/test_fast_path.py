@@ -81,6 +81,15 @@ def test_swapped_standard_layers_equal_the_originals_and_are_put_back():
                 assert torch.equal(net[1](x), pooled)
         torch.testing.assert_close(exported, eager, rtol=0, atol=1e-5 * (eager.max() - eager.min()).item())
     assert list(net) == originals and not any(hasattr(m, "norm") or hasattr(m, "pool") for m in net)
+    tokens = nn.GroupNorm(4, 16).eval()            # (B, C, T): diffusers' attention blocks norm tokens
+    x = torch.randn(2, 16, 36, generator=torch.Generator().manual_seed(7)) * 3 + 5
+    seq = nn.Sequential(tokens)
+    with torch.no_grad():
+        eager = seq(x)
+        with export_mode(seq):
+            assert type(seq[0]) is GroupNormExport
+            exported = seq(x)
+    torch.testing.assert_close(exported, eager, rtol=0, atol=1e-5 * (eager.max() - eager.min()).item())
 
 
 def test_export_form_has_no_reshape_or_expand():

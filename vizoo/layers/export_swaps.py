@@ -91,7 +91,7 @@ class MaxPool2dExport(ExportAware, nn.Module):
 
 
 class GroupNormExport(ExportAware, nn.Module):
-    """``nn.GroupNorm`` whose 4-D group statistics use :func:`group_mean_rstd` (shares the original's
+    """``nn.GroupNorm`` whose 3-D/4-D group statistics use :func:`group_mean_rstd` (shares the original's
     parameters; the eager form is the original module)."""
 
     def __init__(self, norm: nn.GroupNorm) -> None:
@@ -104,6 +104,8 @@ class GroupNormExport(ExportAware, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.norm
+        if self.exporting and x.dim() == 3:  # (B, C, T), e.g. attention blocks' norms
+            return self.forward(x.unsqueeze(-1)).squeeze(-1)
         if not self.exporting or x.dim() != 4:
             return n(x)
         mean, rstd = group_mean_rstd(x, n.num_groups, n.eps)
