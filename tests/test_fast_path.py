@@ -276,3 +276,20 @@ def test_int8_auto_goes_on_past_a_verified_but_slower_mode(tmp_path, monkeypatch
     assert r.details["int8_attempts"][0]["reason"].startswith("verified, but 1.30x the fp32 file's latency")
     assert r.details["int8_decision"]["faster_than_fp32"] is True
     assert r.reason.startswith("int8_mode auto chose mixed (full: verified, but 1.30x")
+
+
+def test_diffusers_upsample_export_form_is_bit_identical():
+    """diffusers' 2x nearest upsampling (RESIZE_NEAREST_NEIGHBOR, outside XNNPACK) becomes stacked copies."""
+    upsampling = pytest.importorskip("diffusers.models.upsampling")
+    from vizoo.layers.export_swaps import Upsample2DExport
+
+    torch.manual_seed(0)
+    net = nn.Sequential(upsampling.Upsample2D(8, use_conv=True), upsampling.Upsample2D(8, use_conv=False)).eval()
+    x = torch.randn(2, 8, 5, 7)
+    with torch.no_grad():
+        eager = net(x)
+        with export_mode(net):
+            assert all(type(m) is Upsample2DExport for m in net)
+            exported = net(x)
+    assert torch.equal(exported, eager)
+    assert all(type(m) is upsampling.Upsample2D for m in net)

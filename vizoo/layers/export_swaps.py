@@ -12,6 +12,10 @@ the verifier's export-form reference), in any model, and puts the originals back
   BROADCAST_TO in an NHWC graph (BROADCAST_TO is outside XNNPACK). The export form takes per-channel
   spatial means and averages them within groups by a grouped 1×1 conv with constant weights (see
   :func:`group_mean_rstd`), equal to the eager form up to float32 rounding.
+- diffusers' ``Upsample2D`` (2× nearest, then a conv): ``F.interpolate(mode="nearest")`` lowers to
+  RESIZE_NEAREST_NEIGHBOR, which XNNPACK does not take (the diffusion UNet split in three). The
+  export form duplicates every column and row by stacking and reshaping (CONCATENATION/RESHAPE):
+  bit-identical.
 
 The statistics helpers are shared with the grouped EvoNorms' export form.
 """
@@ -25,8 +29,8 @@ import torch.nn.functional as F
 
 from .export_mode import ExportAware
 
-__all__ = ["group_mean_rstd", "plus_eps", "MaxPool2dExport", "GroupNormExport", "EXPORT_SWAPS",
-           "swap_in_export_forms"]
+__all__ = ["group_mean_rstd", "plus_eps", "MaxPool2dExport", "GroupNormExport", "Upsample2DExport",
+           "upsample_nearest_2x", "EXPORT_SWAPS", "swap_in_export_forms"]
 
 
 def plus_eps(t: torch.Tensor, eps: float) -> torch.Tensor:
@@ -115,17 +119,60 @@ class GroupNormExport(ExportAware, nn.Module):
         return y.to(x.dtype)
 
 
+def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="nearest")`` of NCHW ``x`` by stacking copies (exact)."""
+    b, c, h, w = x.shape
+    x = torch.stack([x, x], dim=-1).reshape(b, c, h, 2 * w)
+    return torch.stack([x, x], dim=3).reshape(b, c, 2 * h, 2 * w)
+
+
+class Upsample2DExport(ExportAware, nn.Module):
+    """diffusers' ``Upsample2D`` with its 2× nearest interpolation as :func:`upsample_nearest_2x`
+    (shares the original's conv; other configurations run the original)."""
+
+    def __init__(self, up: nn.Module) -> None:
+        super().__init__()
+        self.up = up
+
+    @staticmethod
+    def applies(up: nn.Module) -> bool:
+        return (getattr(up, "norm", None) is None and not getattr(up, "use_conv_transpose", True)
+                and getattr(up, "interpolate", False))
+
+    def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None, *args, **kwargs) -> torch.Tensor:
+        up = self.up
+        doubled = output_size is None or tuple(output_size) == (2 * x.shape[-2], 2 * x.shape[-1])
+        if not self.exporting or x.dim() != 4 or not doubled:
+            return up(x, output_size, *args, **kwargs)
+        x = upsample_nearest_2x(x)
+        if up.use_conv:
+            x = (up.conv if up.name == "conv" else up.Conv2d_0)(x)
+        return x
+
+
 #: Exact type -> its export form (subclasses, e.g. timm's own pooling layers, are left alone).
 EXPORT_SWAPS: dict[type, type] = {nn.MaxPool2d: MaxPool2dExport, nn.GroupNorm: GroupNormExport}
+
+
+def _export_swaps() -> dict[type, type]:
+    """:data:`EXPORT_SWAPS` plus diffusers' layers when diffusers is already imported (never imported here)."""
+    import sys
+
+    swaps = dict(EXPORT_SWAPS)
+    upsampling = sys.modules.get("diffusers.models.upsampling")
+    if upsampling is not None:
+        swaps[upsampling.Upsample2D] = Upsample2DExport
+    return swaps
 
 
 def swap_in_export_forms(model: nn.Module) -> Callable[[], None]:
     """Replace every layer of :data:`EXPORT_SWAPS` in ``model`` by its export form; returns the
     function that puts the originals back."""
     done: list[tuple[nn.Module, str, nn.Module]] = []
+    swaps = _export_swaps()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            form = EXPORT_SWAPS.get(type(child))
+            form = swaps.get(type(child))
             if form is not None and form.applies(child):
                 setattr(parent, name, form(child))
                 done.append((parent, name, child))
