@@ -1,5 +1,4 @@
 """QuEST quantization toolkit (vizoo.quant): exactness in FP mode, grids, per-step tables, AdaRound."""
-import importlib.util
 
 import pytest
 import torch
@@ -332,9 +331,6 @@ def test_calibration_batches_have_one_timestep_each(calib):
         next(calib.batches(3, return_eps=True))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vizoo.diffusion") is None
-                    or importlib.util.find_spec("vizoo.diffusion.sampling") is None,
-                    reason="vizoo.diffusion.sampling (the DDIM sampler) is not available")
 def test_collect_calibration_keeps_every_second_ddim_step():
     from vizoo.quant import collect_calibration
 
