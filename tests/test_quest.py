@@ -194,3 +194,22 @@ def test_a_tiny_benchmark_run_writes_the_table(tmp_path, monkeypatch):
     again = run_benchmark(tmp_path / "quest", seeds=[0], bits=["w4a8"], jobs=1, threads=1, settings=settings,
                           progress=False)  # resumed: every unit is reused
     assert again["rows"] == summary["rows"]
+
+
+@pytest.mark.parametrize("weight_init", ["minmax", "mse"])
+def test_the_baseline_rounds_on_the_weight_ranges_it_is_told(setup, weight_init):
+    """qdiff's grid is min-max (default) or the L2.4 search: checked against the weights' own range."""
+    from vizoo.quant.pipeline import PipelineSettings, quantize_unet
+
+    fp, calib, _ = setup
+    q = quantize_unet(fp, "qdiff", 4, 8, calib, seed=0, settings=PipelineSettings(adaround_iters=1,
+                                                                                  weight_init=weight_init))
+    shrunk = 0
+    for name, module in q.quant_modules():
+        w = module.weight.detach().flatten(1)
+        minmax_delta = (w.amax(1).clamp(min=0) - w.amin(1).clamp(max=0)) / 15
+        delta = module.weight_quantizer.delta.detach().flatten()
+        if weight_init == "minmax":
+            torch.testing.assert_close(delta, minmax_delta, rtol=1e-5, atol=1e-8, msg=name)
+        shrunk += int((delta < minmax_delta * (1 - 1e-4)).sum())
+    assert (shrunk == 0) == (weight_init == "minmax")

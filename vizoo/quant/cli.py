@@ -2,8 +2,7 @@
 
 Trains (or reuses) a small DDPM UNet on the 16x16 digits, then for every bit width and seed
 quantizes it four ways, each building on the last: naive PTQ (round-to-nearest, min-max, one
-activation set), a Q-Diffusion-style baseline (MSE ranges + AdaRound + per-timestep activation
-sets), + time-embedding finetuning (QuEST stage 1), full QuEST (+ attention layers and activation
+activation set), a Q-Diffusion-style baseline (AdaRound + per-timestep activation sets), + time-embedding finetuning (QuEST stage 1), full QuEST (+ attention layers and activation
 scales, stage 2). Prints ε-MSE vs FP, final-sample PSNR vs FP, the Fréchet distance to real digits
 and the share of parameters finetuned (mean ± std over seeds); writes quest.md, quest.json and
 quest_samples.png to --out. Interrupted? Run the same command again: finished work is reused.
@@ -22,7 +21,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from .finetune import StageOptions
     from .pipeline import PipelineSettings
 
-    pipeline = PipelineSettings(adaround_iters=args.adaround_iters, act_init=args.act_init,
+    pipeline = PipelineSettings(adaround_iters=args.adaround_iters, act_init=args.act_init, weight_init=args.weight_init,
                                 single_act_set=args.single_act_set, te_layers=args.te_layers,
                                 te=StageOptions(stage="te", steps_per_t=args.te_steps, batch_size=args.te_batch),
                                 attn=StageOptions(stage="attn", epochs=args.attn_epochs, batch_size=args.attn_batch,
@@ -78,6 +77,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--attn-epochs", type=int, default=attn.epochs, help="stage 2: epochs over the calibrated steps (default: %(default)s)")
     g.add_argument("--attn-batch", type=int, default=attn.batch_size, help="stage 2: samples per step (default: %(default)s)")
     v = cmd.add_argument_group("method variants")
+    v.add_argument("--weight-init", choices=("minmax", "mse"), default=p.weight_init,
+                   help="weight ranges of qdiff/QuEST before AdaRound: min-max, or the official code's "
+                        "per-channel L2.4 search (clips this UNet's output conv; see vizoo.quant.pipeline)")
     v.add_argument("--act-init", choices=("minmax", "percentile"), default=p.act_init,
                    help="activation range init of qdiff/QuEST")
     v.add_argument("--single-act-set", action="store_true",
