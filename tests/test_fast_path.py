@@ -293,3 +293,20 @@ def test_diffusers_upsample_export_form_is_bit_identical():
             exported = net(x)
     assert torch.equal(exported, eager)
     assert all(type(m) is upsampling.Upsample2D for m in net)
+
+
+def test_small_embedding_export_form_is_bit_identical():
+    """A class-label lookup (EMBEDDING_LOOKUP, outside XNNPACK) becomes a one-hot row times the table."""
+    from vizoo.layers.export_swaps import EmbeddingExport
+
+    torch.manual_seed(0)
+    net = nn.ModuleList([nn.Embedding(10, 32), nn.Embedding(5000, 4)]).eval()
+    ids = torch.tensor([[0, 9, 3], [7, 7, 1]])
+    with torch.no_grad():
+        eager = net[0](ids)
+        with export_mode(net):
+            assert type(net[0]) is EmbeddingExport and type(net[1]) is nn.Embedding  # large tables stay
+            assert net[0].weight is net[0].embedding.weight  # read directly (learned query tables)
+            exported = net[0](ids)
+    assert torch.equal(exported, eager)
+    assert type(net[0]) is nn.Embedding

@@ -170,3 +170,16 @@ def test_explicit_example_inputs_of_a_model_without_a_hook():
 
     with pytest.raises(InputSizeError, match="batch size"):
         resolve_spec(Mix(), example_inputs=(torch.randn(2, 5), torch.tensor([0])))
+
+
+def test_a_class_conditional_unet_file_is_timed(tmp_path):
+    """The timing run feeds an integer input (the class label) a valid index: a random integer made
+    TFLite's EMBEDDING_LOOKUP fail, so the conditional UNet's file had no latency."""
+    import vizoo
+
+    torch.manual_seed(0)
+    cond = vizoo.create_model("ddpm_digits16_cond", block_out_channels=[8, 16, 16], norm_num_groups=4,
+                              attention_head_dim=8).eval()
+    report = export_model(cond, formats="tflite", out_dir=tmp_path, verify_images=4)
+    (result,) = report.results
+    assert result.status == "ok" and result.latency["median_ms"] > 0, result.latency

@@ -499,6 +499,34 @@ def test_dense_bilinear_export_form_equals_grid_sample():
     assert torch.allclose(dense, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_gathered_export_form_for_large_levels_equals_grid_sample(monkeypatch):
+    """Levels too large for the dense form are gathered (four neighbours): equal to F.grid_sample,
+    also outside the map, and chosen per level by the size of the dense intermediate."""
+    import vizoo.layers.query_sampling as qs
+
+    g = torch.Generator().manual_seed(1)
+    B, N, G, M, C = 1, 3, 4, 8, 8
+    feats = [torch.randn(B, G * C, h, w, generator=g) for h, w in ((24, 40), (12, 20))]
+    xy = torch.rand(B, N, G, M, 2, generator=g) * 200 - 20
+    xy[0, 0, 0, 0] = torch.tensor([4.0 * 40 - 2.0, 4.0 * 24 - 2.0])    # the last pixel centre: weight on the edge
+    z = torch.randn(B, N, G, M, generator=g) * 2 + 4
+    eager = qs.sample_multilevel(feats, [4, 8], xy, z)
+    # the smaller level (12 rows) stays dense, the larger one (24 rows) is gathered
+    monkeypatch.setattr(qs, "DENSE_SAMPLING_MAX_ELEMENTS", B * G * N * M * C * 12)
+    gathered, gather = [], qs.bilinear_sample_gather
+    monkeypatch.setattr(qs, "bilinear_sample_gather", lambda f, p, s: gathered.append(s) or gather(f, p, s))
+    mixed = qs.sample_multilevel(feats, [4, 8], xy, z, dense=True)
+    assert gathered == [4]
+    assert torch.allclose(mixed, eager, atol=1e-5, rtol=1e-5)
+    points = xy.permute(0, 2, 1, 3, 4).reshape(B * G, N, M, 2)
+    for feat, stride in zip(feats, [4, 8]):
+        grouped = feat.reshape(B * G, C, *feat.shape[-2:])
+        to_unit = points.new_tensor([2.0 / (feat.shape[-1] * stride), 2.0 / (feat.shape[-2] * stride)])
+        ref = F.grid_sample(grouped, points * to_unit - 1.0, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)
+        assert torch.allclose(gather(grouped, points, stride), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_export_mode_switches_the_sampler_and_keeps_the_outputs():
     from vizoo.layers.export_mode import export_mode
 

@@ -444,7 +444,9 @@ def timed_invoke(path: str | os.PathLike | bytes, threads: int = 2) -> tuple[Cal
             # int8 DIV by its zero point aborts the interpreter (EvoNorm-S0, full-integer files)
             scale, zero_point = d.get("quantization", (0.0, 0))
             info = np.iinfo(d["dtype"])
-            q = np.round(x / scale) + zero_point if scale else rng.integers(info.min, info.max, d["shape"])
+            # an unquantized integer input is an index (class label, timestep): 0 is always valid,
+            # while a random integer made EMBEDDING_LOOKUP fail (ddpm_digits16_cond)
+            q = np.round(x / scale) + zero_point if scale else np.zeros(d["shape"])
             x = np.clip(q, info.min, info.max)
         it.set_tensor(d["index"], x.astype(d["dtype"]))
     return it.invoke, int(details[0]["shape"][0])

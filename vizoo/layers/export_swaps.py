@@ -16,6 +16,11 @@ the verifier's export-form reference), in any model, and puts the originals back
   RESIZE_NEAREST_NEIGHBOR, which XNNPACK does not take (the diffusion UNet split in three). The
   export form duplicates every column and row by stacking and reshaping (CONCATENATION/RESHAPE):
   bit-identical.
+- ``nn.Embedding`` with a small table (class labels): the lookup lowers to EMBEDDING_LOOKUP, which
+  XNNPACK does not take (the class-conditional UNet split in two). The export form multiplies a
+  one-hot row, ``relu(1 - |i - arange(n)|)``, by the table (FULLY_CONNECTED): one term is the row
+  times 1.0 and the rest are zeros, so it is bit-identical. Only an integer-to-float CAST of the
+  input is left outside, before the partition.
 
 The statistics helpers are shared with the grouped EvoNorms' export form.
 """
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from .export_mode import ExportAware
 
 __all__ = ["group_mean_rstd", "plus_eps", "MaxPool2dExport", "GroupNormExport", "Upsample2DExport",
-           "upsample_nearest_2x", "EXPORT_SWAPS", "swap_in_export_forms"]
+           "EmbeddingExport", "upsample_nearest_2x", "EXPORT_SWAPS", "swap_in_export_forms"]
 
 
 def plus_eps(t: torch.Tensor, eps: float) -> torch.Tensor:
@@ -150,8 +155,39 @@ class Upsample2DExport(ExportAware, nn.Module):
         return x
 
 
+class EmbeddingExport(ExportAware, nn.Module):
+    """``nn.Embedding`` lookup as a one-hot row times the table (tables up to `MAX_ROWS` rows)."""
+
+    MAX_ROWS = 1024  # the one-hot row has one entry per table row
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+
+    @classmethod
+    def applies(cls, embedding: nn.Module) -> bool:
+        return embedding.max_norm is None and embedding.num_embeddings <= cls.MAX_ROWS
+
+    def __getattr__(self, name: str):
+        """The table's own attributes (``weight``, ``num_embeddings``...): models that read a
+        learned query table directly keep working while the form is swapped in."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["embedding"], name)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.exporting:
+            return self.embedding(ids)
+        table = self.embedding.weight
+        rows = torch.arange(table.shape[0], dtype=table.dtype, device=table.device)
+        one_hot = torch.relu(1.0 - (ids.to(table.dtype).unsqueeze(-1) - rows).abs())
+        return one_hot @ table
+
+
 #: Exact type -> its export form (subclasses, e.g. timm's own pooling layers, are left alone).
-EXPORT_SWAPS: dict[type, type] = {nn.MaxPool2d: MaxPool2dExport, nn.GroupNorm: GroupNormExport}
+EXPORT_SWAPS: dict[type, type] = {nn.MaxPool2d: MaxPool2dExport, nn.GroupNorm: GroupNormExport,
+                                  nn.Embedding: EmbeddingExport}
 
 
 def _export_swaps() -> dict[type, type]:

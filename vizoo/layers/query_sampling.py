@@ -17,7 +17,11 @@ delegate does not run (the tiny detector's file split into 10 partitions and ran
 PyTorch). Bilinear sampling with zero padding is a weighted sum with the tent weights
 ``max(0, 1 - |i - x|)`` over the pixel columns and rows, so the export form writes it as one
 matmul over the columns and a weighted sum over the rows: dense ops every delegate runs, equal to
-``grid_sample`` up to float rounding.
+``grid_sample`` up to float rounding. Its intermediate is [groups, points, channels x rows] per
+level, which grows with the input: at 800x1333 the R50 detector's stride-4 level would need a
+1.3 GB tensor. Levels whose dense intermediate exceeds `DENSE_SAMPLING_MAX_ELEMENTS` are sampled
+by gathering the four neighbours instead (:func:`bilinear_sample_gather`; GATHER runs outside
+XNNPACK, a partition boundary, but the memory stays proportional to the points).
 """
 from __future__ import annotations
 
@@ -31,7 +35,12 @@ import torch.nn.functional as F
 from .box_ops import pow2, xyzr_size
 from .export_mode import ExportAware
 
-__all__ = ["level_anchor_z", "level_weights", "sample_multilevel", "bilinear_sample_dense", "SubBoxSampler"]
+__all__ = ["level_anchor_z", "level_weights", "sample_multilevel", "bilinear_sample_dense", "bilinear_sample_gather",
+           "DENSE_SAMPLING_MAX_ELEMENTS", "SubBoxSampler"]
+
+#: the largest dense-sampling intermediate (elements) the export form builds for one level; beyond
+#: it the level is gathered (64 Mi floats = 256 MB)
+DENSE_SAMPLING_MAX_ELEMENTS = 1 << 26
 
 
 def level_anchor_z(strides: Sequence[int]) -> list[float]:
@@ -60,13 +69,39 @@ def bilinear_sample_dense(feat: torch.Tensor, points: torch.Tensor, stride: int)
     return out.transpose(1, 2).reshape(BG, C, N, M)
 
 
+def bilinear_sample_gather(feat: torch.Tensor, points: torch.Tensor, stride: int) -> torch.Tensor:
+    """The same sampling as :func:`bilinear_sample_dense` by gathering each point's four
+    neighbours (zero outside the map): memory proportional to the points, not the map."""
+    BG, C, H, W = feat.shape
+    _, N, M, _ = points.shape
+    x = (points[..., 0] * (1.0 / stride) - 0.5).reshape(BG, N * M)
+    y = (points[..., 1] * (1.0 / stride) - 0.5).reshape(BG, N * M)
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    rows = feat.permute(0, 2, 3, 1).reshape(BG * H * W, C)                  # one row per pixel
+    base = (torch.arange(BG, dtype=feat.dtype, device=feat.device) * (H * W)).unsqueeze(1)
+    out = None
+    for dx, dy, weight in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                           (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        xi, yi = x0 + dx, y0 + dy
+        xc, yc = xi.clamp(0, W - 1), yi.clamp(0, H - 1)
+        # 1 inside the map, 0 outside, in float ops (comparisons and ANDs would run outside XNNPACK)
+        inside = (1 - (xi - xc).abs().clamp(max=1)) * (1 - (yi - yc).abs().clamp(max=1))
+        index = (base + yc * W + xc).reshape(-1).to(torch.int64)                           # [BG*NM]
+        value = rows.index_select(0, index).reshape(BG, N * M, C)
+        term = value * (weight * inside).unsqueeze(-1)
+        out = term if out is None else out + term
+    return out.transpose(1, 2).reshape(BG, C, N, M)
+
+
 def sample_multilevel(features: Sequence[torch.Tensor], strides: Sequence[int], xy: torch.Tensor,
                       z: torch.Tensor, tau: float = 2.0, dense: bool = False) -> torch.Tensor:
     """Sample grouped multi-level features at 3-D points.
 
     features: F tensors ``[B, G*C_g, H_l, W_l]``; xy: ``[B, N, G, M, 2]`` pixel coordinates;
     z: ``[B, N, G, M]`` log2 scales. Returns ``[B, N, G, M, C_g]``. ``dense``: the export form
-    (:func:`bilinear_sample_dense`) instead of ``grid_sample``.
+    (:func:`bilinear_sample_dense`, or :func:`bilinear_sample_gather` for a level too large for
+    it) instead of ``grid_sample``.
     """
     B, N, G, M, _ = xy.shape
     weights = level_weights(z, level_anchor_z(strides), tau)          # [B, N, G, M, F]
@@ -76,8 +111,10 @@ def sample_multilevel(features: Sequence[torch.Tensor], strides: Sequence[int], 
     for level, (feat, stride) in enumerate(zip(features, strides)):
         _, C, H, W = feat.shape
         grouped = feat.reshape(B * G, C // G, H, W)
-        if dense:
+        if dense and B * G * N * M * (C // G) * H <= DENSE_SAMPLING_MAX_ELEMENTS:
             sampled = bilinear_sample_dense(grouped, points, stride)            # [B*G, C_g, N, M]
+        elif dense:
+            sampled = bilinear_sample_gather(grouped, points, stride)
         else:
             to_unit = points.new_tensor([2.0 / (W * stride), 2.0 / (H * stride)])
             sampled = F.grid_sample(grouped, points * to_unit - 1.0, mode="bilinear",

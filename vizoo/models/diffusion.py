@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from ..layers.export_mode import ExportAware
 from ..registry import PretrainedCfg, register_features, register_model, register_pretrained_cfgs
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -38,7 +39,7 @@ def _unet2d_class() -> type:
     return UNet2DModel
 
 
-class DiffusionUNet(nn.Module):
+class DiffusionUNet(ExportAware, nn.Module):
     """A diffusers ``UNet2DModel`` predicting epsilon, with the schedule facts a sampler needs.
 
     ``num_classes`` > 0 adds a class embedding (``num_class_embeds``): the model is then
@@ -82,6 +83,10 @@ class DiffusionUNet(nn.Module):
                              "(LongTensor[B] of class indices)")
         if not self.conditional and class_labels is not None:
             raise ValueError("this UNet is unconditional: pass class_labels=None (or build the _cond variant)")
+        if self.exporting and class_labels is not None:
+            # the labels' int->float CAST (outside XNNPACK) first in the graph, so that everything
+            # after it is one partition; the class table's export form takes float indices
+            class_labels = class_labels.to(torch.float32)
         return self.unet(sample, timestep, class_labels=class_labels, return_dict=False)[0]
 
     def example_inputs(self, batch_size: int = 1, input_size: Sequence[int] | None = None
