@@ -172,14 +172,17 @@ def test_explicit_example_inputs_of_a_model_without_a_hook():
         resolve_spec(Mix(), example_inputs=(torch.randn(2, 5), torch.tensor([0])))
 
 
-def test_a_class_conditional_unet_file_is_timed(tmp_path):
-    """The timing run feeds an integer input (the class label) a valid index: a random integer made
-    TFLite's EMBEDDING_LOOKUP fail, so the conditional UNet's file had no latency."""
+def test_a_class_conditional_unet_file_is_timed_and_calibrated(tmp_path):
+    """An integer input (the class label): the timing run feeds it a valid index (a random integer
+    made TFLite's EMBEDDING_LOOKUP fail, so the file had no latency), and int8 calibration feeds it
+    in the file's int32 (int64 samples were refused)."""
     import vizoo
 
     torch.manual_seed(0)
     cond = vizoo.create_model("ddpm_digits16_cond", block_out_channels=[8, 16, 16], norm_num_groups=4,
                               attention_head_dim=8).eval()
-    report = export_model(cond, formats="tflite", out_dir=tmp_path, verify_images=4)
-    (result,) = report.results
-    assert result.status == "ok" and result.latency["median_ms"] > 0, result.latency
+    report = export_model(cond, formats="tflite", precision=("fp32", "int8"), int8_mode="mixed", out_dir=tmp_path,
+                          verify_images=4)
+    for result in report.results:
+        assert result.status == "ok", result.reason
+        assert result.latency["median_ms"] > 0, result.latency

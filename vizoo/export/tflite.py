@@ -109,9 +109,7 @@ def convert(spec: ModelSpec, path: Path, precision: str, options: dict[str, Any]
                 raise ValueError(f"TFLite int8_mode {mode!r} is resolved by vizoo.export (auto) or is "
                                  f"one of full, mixed, dynamic")
             samples = quantize.calibration_samples(spec, calibration_data)
-            names = _signature_inputs(data)
-            calib = quantize.as_signature_inputs(
-                samples, names, lambda i, x: (_to_nhwc(x) if nhwc and i == 0 else x).numpy())
+            calib = _calibration_feed(samples, data, nhwc)
             range_key = ("tflite_int8_ranges", nhwc, id(calibration_data))  # one calibration per export
             data, spec.cache[range_key] = quantize.tflite_int8_static(data, calib, mode,
                                                                       ranges=spec.cache.get(range_key))
@@ -161,8 +159,7 @@ def _full_integer_lowbit(spec: ModelSpec, data: bytes, calibration_data: Any, nh
     tensor, not only layer inputs, so QuEST's input scales alone do not define the file.
     """
     samples = quantize.calibration_samples(spec, calibration_data)
-    names = _signature_inputs(data)
-    calib = quantize.as_signature_inputs(samples, names, lambda i, x: (_to_nhwc(x) if nhwc and i == 0 else x).numpy())
+    calib = _calibration_feed(samples, data, nhwc)
     diffusion = spec.task == "diffusion"
     scopes = TIMESTEP_FLOAT_SCOPES + DIFFUSION_FLOAT_SCOPES if diffusion else ()
     float_ops = DIFFUSION_FLOAT_OPS if diffusion else ()
@@ -267,10 +264,21 @@ def _check_loads(data: bytes, spec: ModelSpec) -> None:
                               + err.detail) from e
 
 
-def _signature_inputs(data: bytes) -> list[str]:
+def _signature_inputs(data: bytes) -> dict[str, np.dtype]:
+    """The file's signature inputs in order, with the dtype each takes."""
     Interpreter, _ = interpreter_class()
     it = Interpreter(model_content=data)
-    return list(it.get_signature_list()[SIGNATURE]["inputs"])
+    details = it.get_signature_runner(SIGNATURE).get_input_details()
+    return {name: np.dtype(details[name]["dtype"]) for name in it.get_signature_list()[SIGNATURE]["inputs"]}
+
+
+def _calibration_feed(samples: list[tuple[torch.Tensor, ...]], data: bytes, nhwc: bool) -> list[dict[str, np.ndarray]]:
+    """Calibration samples keyed by the file's input names, the image NHWC when the file is, each
+    in the dtype its input takes (an int64 class label becomes the file's int32)."""
+    inputs = _signature_inputs(data)
+    dtypes = list(inputs.values())
+    return quantize.as_signature_inputs(
+        samples, list(inputs), lambda i, x: (_to_nhwc(x) if nhwc and i == 0 else x).numpy().astype(dtypes[i]))
 
 
 def _convert_signatures(spec: ModelSpec, nhwc: bool, litert_torch: Any) -> bytes:
