@@ -395,7 +395,8 @@ def _markdown(summary: dict[str, Any]) -> str:
             f"Fréchet distance is the floor at that sample count. Params finetuned: float weights and biases "
             f"changed (C_TE, then C_A) over all parameters of the FP model; activation scales not counted. "
             f"Calibration: {s['calib_samples']} samples per timestep; weight ranges "
-            f"{p.get('weight_init', 'mse')} (qdiff and later), AdaRound {p['adaround_iters']} iterations per block; TLA {p['te']['steps_per_t']} Adam steps per timestep; CMA {p['attn']['epochs']} epochs. "
+            f"{p.get('weight_init', 'mse')} (qdiff and later), AdaRound {p['adaround_iters']} iterations per "
+            f"block; TLA {p['te']['steps_per_t']} Adam steps per timestep; CMA {p['attn']['epochs']} epochs. "
             f"Total {summary['total_seconds'] / 60:.1f} min with {summary['jobs']} jobs x "
             f"{summary['threads_per_job']} thread(s).\n")
 

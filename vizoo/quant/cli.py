@@ -2,8 +2,9 @@
 
 Trains (or reuses) a small DDPM UNet on the 16x16 digits, then for every bit width and seed
 quantizes it four ways, each building on the last: naive PTQ (round-to-nearest, min-max, one
-activation set), a Q-Diffusion-style baseline (AdaRound + per-timestep activation sets), + time-embedding finetuning (QuEST stage 1), full QuEST (+ attention layers and activation
-scales, stage 2). Prints ε-MSE vs FP, final-sample PSNR vs FP, the Fréchet distance to real digits
+activation set), a Q-Diffusion-style baseline (AdaRound + per-timestep activation sets),
++ time-embedding finetuning (QuEST stage 1), full QuEST (+ attention layers and activation scales,
+stage 2). Prints ε-MSE vs FP, final-sample PSNR vs FP, the Fréchet distance to real digits
 and the share of parameters finetuned (mean ± std over seeds); writes quest.md, quest.json and
 quest_samples.png to --out. Interrupted? Run the same command again: finished work is reused.
 
@@ -21,8 +22,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from .finetune import StageOptions
     from .pipeline import PipelineSettings
 
-    pipeline = PipelineSettings(adaround_iters=args.adaround_iters, act_init=args.act_init, weight_init=args.weight_init,
-                                single_act_set=args.single_act_set, te_layers=args.te_layers,
+    pipeline = PipelineSettings(adaround_iters=args.adaround_iters, act_init=args.act_init,
+                                weight_init=args.weight_init, single_act_set=args.single_act_set,
+                                te_layers=args.te_layers,
                                 te=StageOptions(stage="te", steps_per_t=args.te_steps, batch_size=args.te_batch),
                                 attn=StageOptions(stage="attn", epochs=args.attn_epochs, batch_size=args.attn_batch,
                                                   local_loss=args.local_loss))
